@@ -163,10 +163,7 @@ def _load_jsonl_run(name: str, path: Path) -> RunLog:
     notes: list[str] = []
     unparsable = []
     for lineno, line in numbered:
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            obj = None
+        obj = _parse_line(line)
         if not isinstance(obj, dict):
             unparsable.append(lineno)
             continue
@@ -178,11 +175,32 @@ def _load_jsonl_run(name: str, path: Path) -> RunLog:
         if unparsable == [last]:
             notes.append(f"ignored a truncated last line ({path}:{last})")
         else:
-            notes.append(f"ignored {len(unparsable)} unreadable lines of {path} (lines {_short_list(unparsable)})")
+            plural = "s" if len(unparsable) > 1 else ""
+            notes.append(f"ignored {len(unparsable)} unreadable line{plural} of {path} ({_short_list(unparsable)})")
     run = RunLog(name, path, _apply_rewinds(by_kind["train"]), _apply_rewinds(by_kind["valid"]), notes)
     if not run.train and not run.valid:
         raise CompareError(f"run {name!r}: no metrics found in {path} (no 'train' or 'valid' records)")
     return run
+
+
+def _parse_line(line: str):
+    """The JSON value on `line`, or None. A record glued behind a partial write
+    (killed mid-line, then resumed and appended) is recovered."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        pass
+    decoder = json.JSONDecoder()
+    start = line.find("{", 1)
+    while start != -1:
+        try:
+            obj, end = decoder.raw_decode(line, start)
+        except json.JSONDecodeError:
+            obj, end = None, -1
+        if end == len(line.rstrip()):
+            return obj
+        start = line.find("{", start + 1)
+    return None
 
 
 def _record_from_json(obj: dict, path: Path, lineno: int) -> Record:
@@ -218,7 +236,7 @@ def _apply_rewinds(records: list[Record]) -> list[Record]:
 
 def _short_list(numbers: list[int], limit: int = 5) -> str:
     shown = ", ".join(str(n) for n in numbers[:limit])
-    return shown + (", ..." if len(numbers) > limit else "")
+    return ("line " if len(numbers) == 1 else "lines ") + shown + (", ..." if len(numbers) > limit else "")
 
 
 def _load_tensorboard_run(name: str, path: Path) -> RunLog:
@@ -365,6 +383,7 @@ def format_markdown_table(rows: list[list[str]]) -> str:
 
 PANELS = (("train", "tokens"), ("train", "flops"), ("valid", "tokens"), ("valid", "flops"))
 AXIS_LABELS = {"tokens": "tokens", "flops": "training FLOPs", "iteration": "iteration"}
+MISSING_NAMES = {"tokens": "token counts", "flops": "FLOP counts"}
 
 
 def moving_average(values: list[float], window: int) -> np.ndarray:
@@ -412,7 +431,7 @@ def plot_runs(runs: list[RunLog], out: Path, title: str | None = None, smooth: i
         _set_loss_ylim(ax, visible_y)
         what = f"{kind} loss" + (f" (smoothed over {smooth} points)" if kind == "train" and smooth > 1 else "")
         if missing:
-            ax.set_title(f"{what} vs iterations (no {axis} logged for {', '.join(missing)})", fontsize=10)
+            ax.set_title(f"{what} vs iterations (no {MISSING_NAMES[axis]} for {', '.join(missing)})", fontsize=10)
         else:
             ax.set_title(f"{what} vs {AXIS_LABELS[axis]}", fontsize=10)
         ax.set_xlabel(AXIS_LABELS[x_key])
@@ -438,7 +457,8 @@ def _set_loss_ylim(ax, series: list[np.ndarray]) -> None:
     if not finite:
         return
     low = min(float(s.min()) for s in finite)
-    settled = max(float(s[len(s) // 10 :].max()) for s in finite)
+    # short series (a handful of evaluations) are shown whole
+    settled = max(float(s[len(s) // 10 if len(s) >= 20 else 0 :].max()) for s in finite)
     high = max(float(s.max()) for s in finite)
     top = min(high, settled + 0.1 * (settled - low)) if high > settled else high
     pad = 0.05 * (top - low) or 0.05 * abs(top) or 0.1
