@@ -45,8 +45,9 @@ def transformer_config(cfg: Config, use_cpu_initialization: Optional[bool] = Non
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         init_method_std=m.init_std,
-        # Weights are filled by initialize_parameters() so that they do not depend on the parallel layout.
-        perform_initialization=False,
+        # initialize_parameters() overwrites every weight (layout-independently) afterwards, but megatron's layers
+        # only set their tensor-parallel attributes while initialising, so it must stay on.
+        perform_initialization=True,
         use_cpu_initialization=use_cpu_initialization,
         tensor_model_parallel_size=p.tensor_parallel,
         pipeline_model_parallel_size=p.pipeline_parallel,
