@@ -1,0 +1,181 @@
+"""Raw text inputs for preprocessing: local jsonl/json/parquet/plain-text files or folders, or a
+Hugging Face hub dataset name, read as a stream of documents with the `datasets` library.
+
+Local files are checked (exists, not empty, valid UTF-8, has the text field) before any heavy work.
+"""
+
+from __future__ import annotations
+
+import codecs
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+from cola_megatron.data.errors import DataError
+
+# File suffix -> `datasets` builder. `.gz` variants of the text formats are read transparently.
+BUILDERS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet",
+            ".txt": "text", ".text": "text", ".md": "text"}
+SAMPLE_BY = ("document", "paragraph", "line")
+
+
+@dataclass
+class Source:
+    """One `datasets.load_dataset` call: local files of one format, or a hub dataset."""
+
+    builder: str  # json | parquet | text | hub
+    files: list[str] = field(default_factory=list)
+    hub_name: Optional[str] = None
+
+
+def _builder_for(path: str) -> Optional[str]:
+    name = path[:-3] if path.endswith(".gz") else path
+    return BUILDERS.get(Path(name).suffix.lower())
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or _builder_for(text) is not None
+
+
+def resolve_inputs(inputs: list[str]) -> list[Source]:
+    """Expand folders (sorted, recursive) and group consecutive files of one format."""
+    if not inputs:
+        raise DataError("no input given: pass files, folders or a hub dataset name")
+    sources: list[Source] = []
+    for raw in inputs:
+        path = os.path.expanduser(raw)
+        if os.path.isdir(path):
+            files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and _builder_for(str(p)))
+            if not files:
+                raise DataError(f"folder {raw} holds no readable files (expected "
+                                f"{', '.join(sorted(BUILDERS))}, optionally .gz)")
+        elif os.path.isfile(path):
+            if _builder_for(path) is None:
+                raise DataError(f"cannot tell the format of {raw}: name it with one of "
+                                f"{', '.join(sorted(BUILDERS))} (optionally .gz)")
+            files = [path]
+        elif _looks_like_path(raw):
+            raise DataError(f"input not found: {raw} (check the path)")
+        else:
+            sources.append(Source("hub", hub_name=raw))
+            continue
+        for f in files:
+            builder = _builder_for(f)
+            if sources and sources[-1].builder == builder:
+                sources[-1].files.append(f)
+            else:
+                sources.append(Source(builder, [f]))
+    return sources
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def check_utf8(path: str, chunk_size: int = 1 << 20) -> None:
+    """Raise `DataError` naming the first invalid byte (offset and line) of a text file."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 0
+    with _open_binary(path) as f:
+        while True:
+            chunk = f.read(chunk_size)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                bad = offset + error.start
+                line = lines + chunk[:error.start].count(b"\n") + 1
+                raise DataError(f"{path} is not valid UTF-8: byte {bad} (line {line}) is "
+                                f"{chunk[error.start:error.start + 1]!r}; re-encode the file as UTF-8 "
+                                "(e.g. iconv -f latin1 -t utf-8)") from None
+            if not chunk:
+                return
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
+
+
+def _check_json_lines(path: str, text_key: str) -> None:
+    with _open_binary(path) as f:
+        for line in f:
+            if line.strip():
+                break
+        else:
+            raise DataError(f"{path} holds no records")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: the first line is not JSON ({error}); "
+                        "jsonl files need one JSON object per line") from None
+    if not isinstance(record, dict) or text_key not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise DataError(f"{path}: records have no {text_key!r} field (found {keys}); "
+                        "pass --text-key NAME")
+
+
+def _check_parquet(path: str, text_key: str) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as error:
+        raise DataError(f"{path} is not a readable parquet file: {error}") from None
+    if text_key not in schema.names:
+        raise DataError(f"{path}: no column {text_key!r} (found {schema.names}); pass --text-key NAME")
+
+
+def check_sources(sources: list[Source], text_key: str) -> None:
+    """Cheap checks of every local file, so bad input fails before tokenizer training."""
+    for source in sources:
+        for path in source.files:
+            if os.path.getsize(path) == 0:
+                raise DataError(f"input file is empty: {path} (remove it or fill it)")
+            if source.builder == "parquet":
+                _check_parquet(path, text_key)
+                continue
+            check_utf8(path)
+            if source.builder == "json" and not path.endswith((".json", ".json.gz")):
+                _check_json_lines(path, text_key)
+
+
+def _load(source: Source, text_sample_by: str, hub_split: str, hub_config: Optional[str]):
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    if source.builder == "hub":
+        try:
+            return datasets.load_dataset(source.hub_name, hub_config, split=hub_split, streaming=True)
+        except Exception as error:
+            raise DataError(f"could not open {source.hub_name!r}: it is no local file or folder, "
+                            f"and loading it from the Hugging Face hub failed ({error}). "
+                            "Check the path, or the hub name and network access.") from None
+    kwargs = {"sample_by": text_sample_by} if source.builder == "text" else {}
+    return datasets.load_dataset(source.builder, data_files=source.files, split="train",
+                                 streaming=True, **kwargs)
+
+
+def iter_text_batches(sources: list[Source], text_key: str = "text", text_sample_by: str = "document",
+                      batch_size: int = 256, hub_split: str = "train",
+                      hub_config: Optional[str] = None) -> Iterator[list[str]]:
+    """Yield lists of non-blank documents, in input order (deterministic)."""
+    if text_sample_by not in SAMPLE_BY:
+        raise DataError(f"text_sample_by must be one of {SAMPLE_BY}, got {text_sample_by!r}")
+    for source in sources:
+        dataset = _load(source, text_sample_by, hub_split, hub_config)
+        column = "text" if source.builder == "text" else text_key
+        where = source.hub_name or ", ".join(source.files[:3])
+        for batch in dataset.iter(batch_size=batch_size):
+            if column not in batch:
+                raise DataError(f"{where}: no field {column!r} (found {sorted(batch)}); pass --text-key NAME")
+            texts = []
+            for text in batch[column]:
+                if text is None:
+                    continue
+                if not isinstance(text, str):
+                    raise DataError(f"{where}: field {column!r} holds {type(text).__name__}, not text")
+                if text.strip():
+                    texts.append(text)
+            if texts:
+                yield texts
