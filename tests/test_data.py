@@ -9,6 +9,8 @@ import os
 import pickle
 import random
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -98,7 +100,7 @@ def test_reads_plain_text_parquet_and_folders(corpus, tmp_path):
     folder = tmp_path / "mixed"
     (folder / "sub").mkdir(parents=True)
     (folder / "one.txt").write_text("first document\n\nwith a paragraph\n", encoding="utf-8")
-    (folder / "sub" / "two.txt").write_text("second document\n", encoding="utf-8")
+    (folder / "sub" / "two.txt").write_text("second <|endoftext|> document\n", encoding="utf-8")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -111,8 +113,10 @@ def test_reads_plain_text_parquet_and_folders(corpus, tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     tokenizer = TokenizerAdapter(corpus["tokenizer"])
-    texts = [tokenizer.detokenize(d[:-1]) for d in IndexedDataset(str(tmp_path / "txt"))]
-    assert texts == ["first document\n\nwith a paragraph\n", "second document\n"]  # sorted, one per file
+    documents = IndexedDataset(str(tmp_path / "txt"))
+    texts = [tokenizer.detokenize(d[:-1]) for d in documents]
+    assert texts == ["first document\n\nwith a paragraph\n", "second <|endoftext|> document\n"]  # one per file
+    assert [list(d).count(tokenizer.eod) for d in documents] == [1, 1]  # special-token text stays text
     texts = [tokenizer.detokenize(d[:-1]) for d in IndexedDataset(str(tmp_path / "pq"))]
     assert texts == ["from parquet", "again", "gzipped json"]  # blank documents are skipped
 
@@ -207,6 +211,28 @@ def test_blends_and_per_split_paths(corpus):
     assert set(valid[0]["tokens"].tolist()) <= b_tokens
 
 
+def _first_samples_on_rank(corpus_paths, cache_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    a, b, tokenizer = corpus_paths
+    cfg = DataConfig(paths=["0.5", a, "0.5", b], split="90,10,0", tokenizer=tokenizer, cache_dir=cache_dir)
+    train, valid, _ = build_datasets(cfg, 16, 3, (30, 5, 0), load_tokenizer(cfg))
+    return [train[i]["tokens"].tolist() for i in range(10)] + [valid[0]["tokens"].tolist()]
+
+
+def test_two_ranks_build_the_same_datasets_as_one_process(corpus, tmp_path):
+    from tests.distributed import run_distributed
+
+    paths = (corpus["a"], corpus["b"], corpus["tokenizer"])
+    ranks = run_distributed(_first_samples_on_rank, 2, paths, str(tmp_path / "shared-cache"))
+    assert ranks[0] == ranks[1]
+    cfg = DataConfig(paths=["0.5", corpus["a"], "0.5", corpus["b"]], split="90,10,0",
+                     tokenizer=corpus["tokenizer"], cache_dir=str(tmp_path / "plain-cache"))
+    train, valid, _ = build_datasets(cfg, 16, 3, (30, 5, 0), load_tokenizer(cfg))
+    assert ranks[0] == [train[i]["tokens"].tolist() for i in range(10)] + [valid[0]["tokens"].tolist()]
+
+
 def test_datasets_pickle_for_dataloader_workers(corpus):
     cfg = packed_config(corpus)
     train, _, _ = build_datasets(cfg, 16, 1, (10, 0, 0), load_tokenizer(cfg))
@@ -261,6 +287,17 @@ def test_cli_reports_bad_input_in_one_line(corpus, tmp_path, capsys):
                             "--tokenizer", corpus["tokenizer"]])
     assert code == 2
     assert "error: input not found" in capsys.readouterr().err
+
+
+def test_unreachable_hub_dataset_fails_before_any_work(corpus, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    process = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", "someone/some-corpus",
+         "--output-prefix", str(tmp_path / "o"), "--train-tokenizer", str(tmp_path / "t.json")],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert process.returncode == 2
+    assert "could not open 'someone/some-corpus': it is not a local file or folder" in process.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def copy_prefix(corpus, tmp_path, name="copy") -> str:

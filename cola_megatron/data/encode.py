@@ -18,6 +18,8 @@ class DocumentEncoder:
 
     def __init__(self, tokenizer_json: str, eod_id: int, append_eod: bool = True):
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        # Text that happens to contain "<|endoftext|>" must not produce a real end-of-document id.
+        self.tokenizer.encode_special_tokens = True
         self.eod_id = eod_id
         self.append_eod = append_eod
 

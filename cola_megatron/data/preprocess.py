@@ -27,7 +27,7 @@ def train_tokenizer_on(inputs: list[str], save_path: str, vocab_size: int, *, te
                        hub_split: str = "train", hub_config: Optional[str] = None) -> str:
     """Train a byte-level BPE on the inputs and save it as a tokenizer.json; returns its path."""
     sources = resolve_inputs(inputs)
-    check_sources(sources, text_key)
+    check_sources(sources, text_key, hub_split, hub_config)
     return _train_on(sources, save_path, vocab_size, text_key, text_sample_by, min_frequency,
                      hub_split, hub_config)
 
@@ -64,7 +64,7 @@ def preprocess(inputs: list[str], output_prefix: str, *, tokenizer: Optional[str
     if text_sample_by not in SAMPLE_BY:
         raise DataError(f"--text-sample-by must be one of {SAMPLE_BY}, got {text_sample_by!r}")
     sources = resolve_inputs(inputs)
-    check_sources(sources, text_key)
+    check_sources(sources, text_key, hub_split, hub_config)
     if train_tokenizer is not None:
         tokenizer = _train_on(sources, train_tokenizer, vocab_size, text_key, text_sample_by,
                               min_frequency, hub_split, hub_config)

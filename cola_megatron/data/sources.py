@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from cola_megatron.data.errors import DataError
 
@@ -29,6 +29,7 @@ class Source:
     builder: str  # json | parquet | text | hub
     files: list[str] = field(default_factory=list)
     hub_name: Optional[str] = None
+    opened: Any = None  # the hub dataset, once opened by `check_sources`
 
 
 def _builder_for(path: str) -> Optional[str]:
@@ -82,13 +83,15 @@ def check_utf8(path: str, chunk_size: int = 1 << 20) -> None:
     with _open_binary(path) as f:
         while True:
             chunk = f.read(chunk_size)
+            pending = decoder.getstate()[0]  # an incomplete character carried over from the last chunk
             try:
                 decoder.decode(chunk, final=not chunk)
             except UnicodeDecodeError as error:
-                bad = offset + error.start
-                line = lines + chunk[:error.start].count(b"\n") + 1
+                data = pending + chunk
+                bad = offset - len(pending) + error.start
+                line = lines + data[:error.start].count(b"\n") + 1
                 raise DataError(f"{path} is not valid UTF-8: byte {bad} (line {line}) is "
-                                f"{chunk[error.start:error.start + 1]!r}; re-encode the file as UTF-8 "
+                                f"{data[error.start:error.start + 1]!r}; re-encode the file as UTF-8 "
                                 "(e.g. iconv -f latin1 -t utf-8)") from None
             if not chunk:
                 return
@@ -125,9 +128,13 @@ def _check_parquet(path: str, text_key: str) -> None:
         raise DataError(f"{path}: no column {text_key!r} (found {schema.names}); pass --text-key NAME")
 
 
-def check_sources(sources: list[Source], text_key: str) -> None:
-    """Cheap checks of every local file, so bad input fails before tokenizer training."""
+def check_sources(sources: list[Source], text_key: str, hub_split: str = "train",
+                  hub_config: Optional[str] = None) -> None:
+    """Cheap checks of every local file (and opening hub datasets), so bad input fails before
+    tokenizer training."""
     for source in sources:
+        if source.builder == "hub":
+            source.opened = _load(source, "document", hub_split, hub_config)
         for path in source.files:
             if os.path.getsize(path) == 0:
                 raise DataError(f"input file is empty: {path} (remove it or fill it)")
@@ -145,10 +152,12 @@ def _load(source: Source, text_sample_by: str, hub_split: str, hub_config: Optio
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     if source.builder == "hub":
+        if source.opened is not None:
+            return source.opened
         try:
             return datasets.load_dataset(source.hub_name, hub_config, split=hub_split, streaming=True)
         except Exception as error:
-            raise DataError(f"could not open {source.hub_name!r}: it is no local file or folder, "
+            raise DataError(f"could not open {source.hub_name!r}: it is not a local file or folder, "
                             f"and loading it from the Hugging Face hub failed ({error}). "
                             "Check the path, or the hub name and network access.") from None
     kwargs = {"sample_by": text_sample_by} if source.builder == "text" else {}

@@ -63,6 +63,7 @@ class TokenizerAdapter(MegatronTokenizerBase):
         except Exception as error:  # the Rust side raises a bare Exception
             raise DataError(f"{path} is not a valid tokenizer.json: {error}") from error
         super().__init__(path, {})
+        tokenizer.encode_special_tokens = True  # special-token strings in text stay plain text
         self._tokenizer = tokenizer
         self._eod = _find_token(tokenizer, eod_token, EOD_CANDIDATES)
         if self._eod is None:
