@@ -53,8 +53,7 @@ def cola_init_std(rank: int, d_in: int, d_out: int) -> float:
 def _interleave(outputs: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
     """Lay ``n`` branch outputs out as ``groups`` consecutive blocks of ``[branch_0 | … | branch_n-1]``.
 
-    groups = heads gives megatron's per-head q|k|v layout; groups = 1 gives ``[gate ; up]``; groups = TP size
-    gives a full-width tensor whose k-th TP chunk is rank k's ``[gate_k ; up_k]``.
+    groups = local heads gives megatron's per-head q|k|v layout; groups = 1 gives ``[gate ; up]``.
     """
     if len(outputs) == 1:
         return outputs[0]
@@ -150,33 +149,63 @@ class _CoLASlot(MegatronModule):
         r = self.b_weight.shape[2]
         return [F.linear(activated[..., i * r : (i + 1) * r], self.b_weight[i]) for i in range(self.num_branches)]
 
+    # The forward is split into encode (A, up to the pre-activation z) and decode (σ and B) so that CoLA-M
+    # (cola_megatron.recompute) can store z and re-run only the decode side.
+    code_reduction: Optional[str] = None
+    """How the A GEMM's output is summed over TP: None, 'all_reduce' or 'reduce_scatter' (along the sequence)."""
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The tensor the fused A GEMM reads (after any input communication)."""
+        return x
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """z = A·x: the bottleneck pre-activation, before σ."""
+        return _reduce(F.linear(self.encoder_input(x), self._fused_a()), self.code_reduction, self.tp_group)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        return self.decode(self.encode(x)), None
+
+
+def _reduce(t: torch.Tensor, reduction: Optional[str], group) -> torch.Tensor:
+    if reduction == "all_reduce":
+        return reduce_from_tensor_model_parallel_region(t, group=group)
+    if reduction == "reduce_scatter":
+        return reduce_scatter_to_sequence_parallel_region(t, group=group)
+    return t
+
 
 class _CoLAColumn(_CoLASlot):
     """Column-type slot: full hidden input → this rank's output shard."""
 
     column_type = True
 
-    def _groups(self, local: bool) -> int:
+    def _groups(self) -> int:
         return 1
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        group = self.tp_group
-        if self.scheme == "bottleneck":
-            activated = F.silu(F.linear(x, self._fused_a()))
-            if self.sequence_parallel:
-                activated = gather_from_sequence_parallel_region(activated, group=group)
-            else:
-                activated = copy_to_tensor_model_parallel_region(activated, group=group)
-            return _interleave(self._branches(activated), self._groups(local=True)), None
+    def _to_tensor_parallel_region(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank needs all tokens: all-gather along the sequence (SP), else identity forward."""
         if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, group=group)
-        else:
-            x = copy_to_tensor_model_parallel_region(x, group=group)
-        activated = F.silu(F.linear(x, self._fused_a()))
-        full = _interleave(self._branches(activated), self._groups(local=False))
+            return gather_from_sequence_parallel_region(t, group=self.tp_group)
+        return copy_to_tensor_model_parallel_region(t, group=self.tp_group)
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.scheme == "bottleneck" else self._to_tensor_parallel_region(x)
+
+    def decode_branches(self, z: torch.Tensor) -> list:
+        """This rank's output shard of each branch (q, k, v or gate, up), not yet interleaved."""
+        activated = F.silu(z)
+        if self.scheme == "bottleneck":
+            return self._branches(self._to_tensor_parallel_region(activated))
+        branches = self._branches(activated)  # full width, partial sums over the rank shards
         if self.tp_size == 1:
-            return full, None
-        return reduce_scatter_last_dim_to_tensor_parallel_region(full, group=group), None
+            return branches
+        return [reduce_scatter_last_dim_to_tensor_parallel_region(b, group=self.tp_group) for b in branches]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return _interleave(self.decode_branches(z), self._groups())
 
 
 class _CoLARow(_CoLASlot):
@@ -184,21 +213,26 @@ class _CoLARow(_CoLASlot):
 
     column_type = False
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        group = self.tp_group
-        if self.scheme == "bottleneck":
-            z = F.linear(x, self._fused_a())
-            if self.sequence_parallel:
-                z = reduce_scatter_to_sequence_parallel_region(z, group=group)
-            else:
-                z = reduce_from_tensor_model_parallel_region(z, group=group)
-            return F.linear(F.silu(z), self.b_weight[0]), None
-        if self.tp_size > 1:
-            x = all_gather_last_dim_from_tensor_parallel_region(x, group=group)
-        partial = F.linear(F.silu(F.linear(x, self._fused_a())), self.b_weight[0])
-        if self.sequence_parallel:
-            return reduce_scatter_to_sequence_parallel_region(partial, group=group), None
-        return reduce_from_tensor_model_parallel_region(partial, group=group), None
+    @property
+    def _reduction(self) -> str:
+        return "reduce_scatter" if self.sequence_parallel else "all_reduce"
+
+    @property
+    def code_reduction(self) -> Optional[str]:
+        return self._reduction if self.scheme == "bottleneck" else None
+
+    @property
+    def output_reduction(self) -> Optional[str]:
+        """How B's output is summed over TP (the same kinds as ``code_reduction``)."""
+        return self._reduction if self.scheme == "pair" else None
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme == "pair" and self.tp_size > 1:
+            return all_gather_last_dim_from_tensor_parallel_region(x, group=self.tp_group)
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return _reduce(F.linear(F.silu(z), self.b_weight[0]), self.output_reduction, self.tp_group)
 
 
 class CoLAQKV(_CoLAColumn):
@@ -212,9 +246,8 @@ class CoLAQKV(_CoLAColumn):
         super().__init__(input_size, output_size, config=config, **kwargs)
         self.head_dim = self.branch_size // config.num_attention_heads
 
-    def _groups(self, local: bool) -> int:
-        heads = self.config.num_attention_heads
-        return heads // self.tp_size if local else heads
+    def _groups(self) -> int:
+        return self.config.num_attention_heads // self.tp_size
 
 
 class CoLAFC1(_CoLAColumn):
@@ -226,9 +259,6 @@ class CoLAFC1(_CoLAColumn):
         if not config.gated_linear_unit:
             raise ValueError("CoLAFC1 needs gated_linear_unit=True (LLaMA MLP)")
         super().__init__(input_size, output_size, config=config, **kwargs)
-
-    def _groups(self, local: bool) -> int:
-        return 1 if local else self.tp_size
 
 
 class CoLAProj(_CoLARow):
