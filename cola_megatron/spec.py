@@ -20,20 +20,24 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from cola_megatron.layers.attention import SDPAttention
 from cola_megatron.layers.cola import CoLAFC1, CoLAFC2, CoLAProj, CoLAQKV
 from cola_megatron.layers.norm import RMSNorm
+from cola_megatron.recompute import CoLAMTransformerLayer
 
 CORE_ATTENTION = {"sdpa": SDPAttention, "megatron": DotProductAttention}
 
 
-def layer_spec(arch: str = "cola", attention: str = "sdpa") -> ModuleSpec:
-    """A LLaMA transformer layer; ``arch='cola'`` puts CoLA modules in the four linear slots."""
+def layer_spec(arch: str = "cola", attention: str = "sdpa", recompute: str = "none") -> ModuleSpec:
+    """A LLaMA transformer layer; ``arch='cola'`` puts CoLA modules in the four linear slots, ``recompute='cola_m'``
+    makes it a CoLA-M layer (same submodules and parameters, less stored for backward)."""
     if arch == "cola":
         qkv, proj, fc1, fc2 = CoLAQKV, CoLAProj, CoLAFC1, CoLAFC2
     elif arch == "dense":
         qkv, proj, fc1, fc2 = ColumnParallelLinear, RowParallelLinear, ColumnParallelLinear, RowParallelLinear
     else:
         raise ValueError(f"unknown arch {arch!r}: use 'cola' or 'dense'")
+    if recompute == "cola_m" and arch != "cola":
+        raise ValueError("model.recompute=cola_m needs model.arch=cola; use recompute=full or none")
     return ModuleSpec(
-        module=TransformerLayer,
+        module=CoLAMTransformerLayer if recompute == "cola_m" else TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
@@ -58,4 +62,5 @@ def layer_spec(arch: str = "cola", attention: str = "sdpa") -> ModuleSpec:
 def block_spec(config, arch: str = "cola", attention: str = "sdpa", vp_stage=None, pp_rank=None):
     """The layers this pipeline stage (and virtual stage) builds, and the final RMSNorm."""
     layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(arch, attention)] * layers, layer_norm=RMSNorm)
+    spec = layer_spec(arch, attention, getattr(config, "cola_recompute", "none"))
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)
