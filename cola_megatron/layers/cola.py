@@ -39,7 +39,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
 SCHEMES = ("bottleneck", "pair")
@@ -132,9 +132,13 @@ class _CoLASlot(MegatronModule):
         return weight
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        # The data-parallel group sets the replica ids: without it every DP replica claims the same shard as its
+        # main copy and megatron rejects the save ("Invalid access pattern") as soon as DP > 1.
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
         state_dict = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(
-            state_dict, prefix, self._tp_axis_map, sharded_offsets, tp_group=self.tp_group
+            state_dict, prefix, self._tp_axis_map, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
         )
 
     def backward_dw(self):
