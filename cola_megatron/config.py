@@ -173,6 +173,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             _fail(key, f"expected a list, got {value!r}", f"write {key}=[...] or a YAML list")
         (item_tp,) = typing.get_args(tp) or (Any,)
+        if item_tp is str:  # blends mix weights and paths: [0.3, a, 0.7, b]
+            value = [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, Dict):
         if not isinstance(value, dict):

@@ -65,6 +65,11 @@ def transformer_config(cfg: Config, use_cpu_initialization: Optional[bool] = Non
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        # Interleaved 1F1B with batched p2p sends forward activations and backward gradients to the same peer at
+        # PP=2 in one batch, where they pair in posting order and are silently swapped (Megatron-LM #750/#1450).
+        # Megatron's split, non-batched exchange keeps the two directions apart.
+        overlap_p2p_comm=p.virtual_pipeline is not None,
+        batch_p2p_comm=p.virtual_pipeline is None,
         cola_rank=m.rank if m.arch == "cola" else 0,
         cola_tp_scheme=p.cola_tp_scheme,
         cola_init_std=m.cola_init_std,

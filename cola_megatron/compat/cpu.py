@@ -29,6 +29,8 @@ _FACTORIES_WITH_DEVICE = None  # filled lazily: torch functions whose `device=` 
 def _is_cuda_device(device) -> bool:
     if device is None:
         return False
+    if isinstance(device, bool):
+        return False
     if isinstance(device, int):  # megatron passes torch.cuda.current_device() results around
         return True
     if isinstance(device, str):
@@ -56,7 +58,9 @@ class _CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to:
             if _is_cuda_device(kwargs.get("device")):
                 kwargs = dict(kwargs, device="cpu")
-            args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
+            # Tensor.to(device, dtype, non_blocking, copy): only the first argument after self can be a device.
+            if len(args) > 1 and _is_cuda_device(args[1]):
+                args = (args[0], "cpu", *args[2:])
         elif _is_cuda_device(kwargs.get("device")):
             kwargs = dict(kwargs, device="cpu")
         if kwargs.get("pin_memory"):

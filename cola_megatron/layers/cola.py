@@ -144,6 +144,11 @@ class _CoLASlot(MegatronModule):
     def backward_dw(self):
         """Megatron's delayed weight-gradient hook; CoLA computes weight gradients in the normal backward."""
 
+    def reference_layout(self) -> list:
+        """This rank's weights as the reference implementation stores them, one ``(cola_a, cola_b)`` per branch:
+        ``cola_a`` (d_in, r) and ``cola_b`` (r, d_out), so that ``y = silu(x @ cola_a) @ cola_b``."""
+        return [(self.a_weight[i].t(), self.b_weight[i].t()) for i in range(self.num_branches)]
+
     def _fused_a(self) -> torch.Tensor:
         n, r, d = self.a_weight.shape
         return self.a_weight.view(n * r, d)

