@@ -64,7 +64,6 @@ class CoLAMTransformerLayer(TransformerLayer):
     def __init__(self, config, submodules, *args, **kwargs):
         super().__init__(config, submodules, *args, **kwargs)
         check_cola_m_layer(self)
-        self._attention_params, self._mlp_params = _branch_parameters(self)
 
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
                 **kwargs):
@@ -77,8 +76,10 @@ class CoLAMTransformerLayer(TransformerLayer):
             raise ValueError(f"model.recompute=cola_m does not support the layer arguments {unsupported}; "
                              "use model.recompute=full or none")
         q_pos_emb, k_pos_emb = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+        attention_params, mlp_params = _branch_parameters(self)
         output = _CoLAMLayer.apply(
-            self, hidden_states, attention_mask, q_pos_emb, k_pos_emb, *self._attention_params, *self._mlp_params
+            self, len(attention_params), hidden_states, attention_mask, q_pos_emb, k_pos_emb, *attention_params,
+            *mlp_params,
         )
         output = make_viewless_tensor(inp=output, requires_grad=output.requires_grad, keep_graph=True)
         return output, context
@@ -117,16 +118,14 @@ def check_cola_m_layer(layer: TransformerLayer) -> None:
         refuse("attention output gates and per-layer RoPE skipping are not supported", "use model.recompute=full")
     if getattr(config, "activation_func_clamp_value", None) is not None:
         refuse("clamped GLU activations are not supported", "use model.recompute=full")
+    if {id(p) for p in layer.parameters()} != {id(p) for branch in _branch_parameters(layer) for p in branch}:
+        refuse("the layer has parameters outside its norms, attention and MLP", "use model.recompute=full")
 
 
 def _branch_parameters(layer: TransformerLayer):
     """The layer's parameters split by residual branch (each branch's backward returns only its own)."""
-    attention = [*layer.input_layernorm.parameters(), *layer.self_attention.parameters()]
-    mlp = [*layer.pre_mlp_layernorm.parameters(), *layer.mlp.parameters()]
-    if {id(p) for p in layer.parameters()} != {id(p) for p in attention + mlp}:
-        raise ValueError("model.recompute=cola_m: the layer has parameters outside its norms, attention and MLP. "
-                         "Fix: use model.recompute=full for this layer spec")
-    return tuple(attention), tuple(mlp)
+    attention = (*layer.input_layernorm.parameters(), *layer.self_attention.parameters())
+    return attention, (*layer.pre_mlp_layernorm.parameters(), *layer.mlp.parameters())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -219,21 +218,21 @@ class _CoLAMLayer(torch.autograd.Function):
     """One transformer layer; saves x, h and the seven z's and recomputes the rest in backward."""
 
     @staticmethod
-    def forward(ctx, layer, x, mask, q_pos_emb, k_pos_emb, *params):
+    def forward(ctx, layer, num_attention_params, x, mask, q_pos_emb, k_pos_emb, *params):
         z_qkv, z_o = _attention_codes(layer, x, q_pos_emb, k_pos_emb, mask, _encode)
         h = x + layer.self_attention.linear_proj.decode(z_o)
         z_fc1, z_down = _mlp_codes(layer, h, _encode)
         out = h + layer.mlp.linear_fc2.decode(z_down)
         ctx.layer = layer
+        ctx.attention_params, ctx.mlp_params = params[:num_attention_params], params[num_attention_params:]
         ctx.save_for_backward(x, h, z_qkv, z_o, z_fc1, z_down, mask, q_pos_emb, k_pos_emb)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, h, z_qkv, z_o, z_fc1, z_down, mask, q_pos_emb, k_pos_emb = ctx.saved_tensors
-        layer = ctx.layer
-        attention_params, mlp_params = layer._attention_params, layer._mlp_params
-        needs = ctx.needs_input_grad[5:]
+        layer, attention_params, mlp_params = ctx.layer, ctx.attention_params, ctx.mlp_params
+        needs = ctx.needs_input_grad[6:]
 
         def mlp_branch(h_leaf):
             _, z = _mlp_codes(layer, h_leaf, _StoredCodes(z_fc1, z_down))
@@ -247,7 +246,7 @@ class _CoLAMLayer(torch.autograd.Function):
                                                       needs[len(attention_params):])
         grad_x, attention_grads = _residual_branch_backward(attention_branch, x, grad_h, attention_params,
                                                             needs[: len(attention_params)])
-        return (None, grad_x, None, None, None, *attention_grads, *mlp_grads)
+        return (None, None, grad_x, None, None, None, *attention_grads, *mlp_grads)
 
 
 def _residual_branch_backward(branch: Callable, residual: torch.Tensor, grad_out: torch.Tensor,
