@@ -178,6 +178,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     device = initialize_distributed(seed=base.train.seed)
     try:
+        # One discarded run first: process-wide first-use costs (kernel selection, allocator growth, lazy
+        # initialisation) would otherwise be charged to whichever variant happens to be first.
+        bench_variant(configs[0], names[0], device, args.warmup, 1)
         results = [bench_variant(cfg, name, device, args.warmup, args.steps) for cfg, name in zip(configs, names)]
     finally:
         destroy_distributed()
