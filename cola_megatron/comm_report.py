@@ -213,34 +213,19 @@ def _quiet_known_warnings() -> None:
     logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
 
 
-def _measure_worker(rank: int, world_size: int, port: int, configs: Dict[str, Config], queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    _quiet_known_warnings()
-    from cola_megatron.parallel import destroy_distributed, initialize_distributed
+def _measure_worker(configs: Dict[str, Config]) -> Dict[str, Dict[Tuple[str, str], int]]:
+    from cola_megatron.parallel import initialize_distributed
 
-    initialize_distributed(tensor_parallel=world_size, device="cpu")
-    try:
-        results = {arch: measure_block(cfg) for arch, cfg in configs.items()}
-        if rank == 0:
-            queue.put(results)
-    finally:
-        destroy_distributed()
+    _quiet_known_warnings()
+    initialize_distributed(tensor_parallel=int(os.environ["WORLD_SIZE"]), device="cpu")
+    return {arch: measure_block(cfg) for arch, cfg in configs.items()}
 
 
 def measure(configs: Dict[str, Config], tp: int) -> Dict[str, Dict[Tuple[str, str], int]]:
     """Run :func:`measure_block` for each config on ``tp`` spawned gloo processes; rank 0's counts."""
-    import socket
+    from cola_megatron.local_launch import run_distributed
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_measure_worker, args=(tp, port, configs, queue), nprocs=tp, join=True)
-    return queue.get()
+    return run_distributed(_measure_worker, tp, configs)[0]
 
 
 # --------------------------------------------------------------------------------------------------------------

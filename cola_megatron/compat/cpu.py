@@ -143,6 +143,11 @@ def _patch_rng_tracker():
         torch.set_rng_state(orig)
 
     mp_random.CudaRNGStatesTracker.add = add
+    # `CudaRNGStatesTracker.fork` warns when the CPU generator moved inside a fork; here the forked "CUDA" generator
+    # is the CPU one, so the warning fires on every fork and means nothing.
+    import logging
+
+    logging.getLogger(mp_random.__name__).setLevel(logging.ERROR)
 
 
 def _patch_checkpoint_without_output():
