@@ -1,0 +1,198 @@
+"""``cola-convert``: checkpoint conversion on CPU.
+
+    cola-convert to-hf      CKPT OUT       megatron torch_dist (any TP/PP) → Hugging Face directory
+    cola-convert from-hf    HF_DIR OUT     Hugging Face CoLA (ours or the reference's) → torch_dist
+    cola-convert reshard    CKPT OUT --tensor-parallel N --pipeline-parallel M
+    cola-convert from-dense LLAMA_DIR OUT --rank R    dense LLaMA → CoLA by truncated SVD (warm start)
+
+CKPT is a run's ``checkpoint.save_dir`` (its ``latest`` is followed) or one ``iter_NNNNNNN`` directory. torch_dist
+outputs are ``OUT/iter_NNNNNNN`` plus ``OUT/latest`` and load at any layout. Bad input fails before heavy work
+with exit code 2 and one message naming the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import warnings
+from typing import Optional, Sequence
+
+from cola_megatron.convert.errors import ConversionError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cola-convert", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("to-hf", help="torch_dist checkpoint → Hugging Face directory")
+    p.add_argument("checkpoint", help="run save_dir or iter_NNNNNNN directory")
+    p.add_argument("output", help="new Hugging Face directory")
+    p.add_argument("--config", help="run YAML, when the checkpoint has no cola_config.yaml")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", help="tokenizer.json to ship (default: the run's data.tokenizer)")
+    tok.add_argument("--no-tokenizer", action="store_true", help="export without a tokenizer")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+    p = sub.add_parser("from-hf", help="Hugging Face CoLA directory → torch_dist checkpoint")
+    p.add_argument("hf_dir")
+    p.add_argument("output", help="new checkpoint save_dir")
+    p.add_argument("--config", help="run YAML whose non-model sections to record (model comes from config.json)")
+    p.add_argument("--iteration", type=int, default=0, help="iteration number of the written checkpoint")
+
+    p = sub.add_parser("reshard", help="torch_dist → torch_dist written by the ranks of another TP/PP layout")
+    p.add_argument("checkpoint")
+    p.add_argument("output", help="new checkpoint save_dir")
+    p.add_argument("--tensor-parallel", "--tp", type=int, required=True)
+    p.add_argument("--pipeline-parallel", "--pp", type=int, required=True)
+    p.add_argument("--virtual-pipeline", "--vp", type=int)
+    p.add_argument("--cola-tp-scheme", choices=["bottleneck", "pair"])
+    p.add_argument("--config", help="run YAML, when the checkpoint has no cola_config.yaml")
+
+    p = sub.add_parser("from-dense", help="dense LLaMA (Hugging Face) → CoLA by truncated SVD, for warm starts")
+    p.add_argument("hf_dir")
+    p.add_argument("output")
+    p.add_argument("--rank", type=int, required=True, help="bottleneck width r (the paper uses hidden_size / 4)")
+    p.add_argument("--only-lr-act", action="store_true", help="MLP down(gate(x) * up(x)) instead of SiLU(gate)")
+    p.add_argument("--format", choices=["megatron", "hf"], default="megatron",
+                   help="write a torch_dist checkpoint (default) or a Hugging Face CoLA directory")
+    p.add_argument("--config", help="run YAML whose non-model sections to record (megatron format)")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def to_hf(args) -> None:
+    from cola_megatron.convert import hf_io, megatron_io, names
+
+    ckpt = megatron_io.resolve_checkpoint(args.checkpoint)
+    cfg = megatron_io.read_config(ckpt, args.config)
+    tokenizer = None if args.no_tokenizer else (args.tokenizer or cfg.data.tokenizer)
+    if tokenizer and not os.path.isfile(tokenizer):
+        raise ConversionError(f"the tokenizer {tokenizer} is not found: pass --tokenizer PATH (the run's "
+                              "tokenizer.json) or --no-tokenizer")
+    special = hf_io.tokenizer_special_ids(tokenizer, cfg.model.vocab_size) if tokenizer else None
+    fields = names.hf_config_fields(cfg.model, special)
+    megatron_io.require_new_output(args.output)
+    state = megatron_io.read_full_state(ckpt, cfg, args.config or megatron_io.CONFIG_FILE)
+    reference = names.megatron_to_reference(state, cfg.model.num_layers)
+    hf_io.write_export(args.output, reference, fields, tokenizer, args.max_shard_size, args.dtype)
+    print(f"wrote {args.output} from {ckpt}")
+
+
+def _run_config(model_section: dict, config_path: Optional[str], tokenizer: Optional[str]):
+    """A run config recording converted weights: the YAML's sections (or defaults), the given model section."""
+    from cola_megatron.config import Config, ConfigError, config_from_dict, load_config
+
+    try:
+        values = (load_config(config_path) if config_path else Config()).to_dict()
+    except ConfigError as e:
+        raise ConversionError(f"--config {config_path}: {e}") from None
+    values["model"] = dict(values.get("model") or {}, **model_section)
+    data = values.setdefault("data", {})
+    if tokenizer:
+        data["tokenizer"] = tokenizer
+    if not any(data.get(k) for k in ("paths", "train_paths")):
+        data["mock"] = True  # no data is attached to converted weights; a run supplies its own
+    try:
+        return config_from_dict(values)
+    except ConfigError as e:
+        raise ConversionError(f"the converted model does not form a valid run config: {e}") from None
+
+
+def _copy_tokenizer(hf_dir: str, output: str) -> Optional[str]:
+    source = os.path.join(hf_dir, "tokenizer.json")
+    if not os.path.isfile(source):
+        return None
+    os.makedirs(output, exist_ok=True)
+    target = os.path.abspath(os.path.join(output, "tokenizer.json"))
+    shutil.copyfile(source, target)
+    return target
+
+
+def from_hf(args) -> None:
+    from cola_megatron.convert import hf_io, megatron_io, names
+
+    raw = hf_io.read_config_json(args.hf_dir, "cola")
+    section = names.model_section_from_hf(raw, source=os.path.join(args.hf_dir, "config.json"))
+    cfg = _run_config(section, args.config, None)
+    megatron_io.require_new_output(args.output)
+    _, reference = hf_io.read_cola_checkpoint(args.hf_dir)
+    tokenizer = _copy_tokenizer(args.hf_dir, args.output)
+    if tokenizer:
+        cfg = _run_config(section, args.config, tokenizer)
+    state = names.reference_to_megatron(reference, cfg.model.num_layers)
+    ckpt = megatron_io.write_full_state(state, cfg, args.output, args.iteration)
+    print(f"wrote {ckpt} from {args.hf_dir}")
+
+
+def reshard(args) -> None:
+    from cola_megatron.convert.reshard import reshard as run_reshard
+
+    ckpt = run_reshard(args.checkpoint, args.output, args.tensor_parallel, args.pipeline_parallel,
+                       args.virtual_pipeline, args.cola_tp_scheme, args.config)
+    print(f"wrote {ckpt} at TP={args.tensor_parallel} PP={args.pipeline_parallel}")
+
+
+def from_dense(args) -> None:
+    from cola_megatron.convert import dense, hf_io, megatron_io, names
+
+    raw = hf_io.read_config_json(args.hf_dir, "llama")
+    section = names.model_section_from_hf(raw, rank=args.rank, only_lr_act=args.only_lr_act, dense=True,
+                                          source=os.path.join(args.hf_dir, "config.json"))
+    cfg = _run_config(section, args.config, None)  # validates the rank against the model's widths
+    megatron_io.require_new_output(args.output)
+    weights = hf_io.WeightReader(args.hf_dir)
+    reference, errors = dense.cola_from_dense(raw, weights, args.rank)
+    print("relative error ‖W − B·A‖_F / ‖W‖_F of the rank-{} truncated SVD per layer (SiLU between A and B makes "
+          "the CoLA layer differ further):".format(args.rank))
+    for line in dense.format_errors(errors):
+        print(line)
+    if args.format == "hf":
+        hf_io.write_export(args.output, reference, names.hf_config_fields(cfg.model, {
+            k: raw.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}))
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(args.hf_dir, name)):
+                shutil.copyfile(os.path.join(args.hf_dir, name), os.path.join(args.output, name))
+        print(f"wrote {args.output}")
+        return
+    tokenizer = _copy_tokenizer(args.hf_dir, args.output)
+    if tokenizer:
+        cfg = _run_config(section, args.config, tokenizer)
+    state = names.reference_to_megatron(reference, cfg.model.num_layers)
+    ckpt = megatron_io.write_full_state(state, cfg, args.output)
+    print(f"wrote {ckpt}")
+
+
+def _release_process_groups() -> None:
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        from cola_megatron.parallel import destroy_distributed
+
+        destroy_distributed()
+
+
+COMMANDS = {"to-hf": to_hf, "from-hf": from_hf, "reshard": reshard, "from-dense": from_dense}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    # megatron-core warns on import that apex/Transformer Engine are absent; conversion uses neither.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope).*")
+    try:
+        COMMANDS[args.command](args)
+    except ConversionError as e:
+        print(f"cola-convert {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        _release_process_groups()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

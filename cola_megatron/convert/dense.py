@@ -1,0 +1,108 @@
+"""A CoLA model from a dense LLaMA checkpoint by truncated SVD, for warm starts (beyond the paper).
+
+Each projection ``W`` (d_out × d_in) becomes the rank-r truncated SVD ``W ≈ U_r S_r V_rᵀ`` with the singular values
+split symmetrically, ``A = sqrt(S_r) V_rᵀ`` and ``B = U_r sqrt(S_r)``, so ``B·A`` is the best rank-r approximation of
+``W`` and A, B have matching scales. This is an approximation twice over: truncation drops the tail of the spectrum
+(the reported relative error), and CoLA computes ``B·silu(A·x)``, not ``B·A·x``, so even an exact factorisation
+would not reproduce the dense layer. The result is a starting point for training, not a converted model.
+
+Grouped k/v heads are repeated to one per query head (exactly what LLaMA's attention does with them), tied
+embeddings are copied into an untied output layer.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+
+from cola_megatron.convert.errors import ConversionError
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A, B, relative_error)`` with ``B @ A`` the rank-r truncated SVD of ``weight`` (d_out × d_in).
+
+    The error ``‖W − B·A‖_F / ‖W‖_F`` comes from the discarded singular values.
+    """
+    w = weight.detach().to(torch.float32)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    root = s[:rank].sqrt()
+    a = root[:, None] * vh[:rank]
+    b = u[:, :rank] * root[None, :]
+    total = s.square().sum()
+    error = float((s[rank:].square().sum() / total).sqrt()) if total > 0 else 0.0
+    return a.contiguous(), b.contiguous(), error
+
+
+def expand_kv_heads(weight: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """(kv_heads·head_dim, d) → (heads·head_dim, d): query head h reads kv head h // (heads / kv_heads)."""
+    if kv_heads == heads:
+        return weight
+    rows, d = weight.shape
+    head_dim = rows // kv_heads
+    grouped = weight.reshape(kv_heads, head_dim, d)
+    return grouped.repeat_interleave(heads // kv_heads, dim=0).reshape(heads * head_dim, d)
+
+
+def dense_shapes(raw: Mapping) -> Dict[str, Tuple[int, ...]]:
+    d, ffn, vocab = raw["hidden_size"], raw["intermediate_size"], raw["vocab_size"]
+    heads = raw["num_attention_heads"]
+    kv = (raw.get("num_key_value_heads") or heads) * (d // heads)
+    io = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+          "self_attn.o_proj": (d, d), "mlp.gate_proj": (ffn, d), "mlp.up_proj": (ffn, d), "mlp.down_proj": (d, ffn)}
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
+    if not raw.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (vocab, d)
+    for i in range(raw["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (d,)
+        shapes[p + "post_attention_layernorm.weight"] = (d,)
+        for name, shape in io.items():
+            shapes[f"{p}{name}.weight"] = shape
+    return shapes
+
+
+def cola_from_dense(raw: Mapping, weights, rank: int) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, float]]]:
+    """Reference-named CoLA tensors and, per layer, each projection's relative approximation error.
+
+    ``weights`` needs ``.shapes`` (checked first) and ``.get(name)`` (see :class:`hf_io.WeightReader`).
+    """
+    from cola_megatron.convert.hf_io import check_shapes
+
+    check_shapes(weights.shapes, dense_shapes(raw), "dense LLaMA")
+    heads = raw["num_attention_heads"]
+    kv_heads = raw.get("num_key_value_heads") or heads
+    state = {"model.embed_tokens.weight": weights.get("model.embed_tokens.weight"),
+             "model.norm.weight": weights.get("model.norm.weight")}
+    state["lm_head.weight"] = (weights.get("model.embed_tokens.weight").clone() if raw.get("tie_word_embeddings")
+                               else weights.get("lm_head.weight"))
+    errors = []
+    for i in range(raw["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+            state[p + norm] = weights.get(p + norm)
+        layer_errors = {}
+        for name in PROJECTIONS:
+            w = weights.get(f"{p}{name}.weight")
+            if name in ("self_attn.k_proj", "self_attn.v_proj"):
+                w = expand_kv_heads(w, heads, kv_heads)
+            if rank > min(w.shape):
+                raise ConversionError(f"rank {rank} exceeds the smaller side of {p}{name} {tuple(w.shape)}")
+            a, b, error = svd_factors(w, rank)
+            state[f"{p}{name}.cola_a"] = a.t().contiguous()
+            state[f"{p}{name}.cola_b"] = b.t().contiguous()
+            layer_errors[name.split(".")[1]] = error
+        errors.append(layer_errors)
+    return state, errors
+
+
+def format_errors(errors: List[Dict[str, float]]) -> List[str]:
+    """One line per layer: the relative Frobenius error of each projection."""
+    names = list(errors[0]) if errors else []
+    lines = ["layer  " + "  ".join(f"{n:>9}" for n in names)]
+    for i, layer in enumerate(errors):
+        lines.append(f"{i:>5}  " + "  ".join(f"{layer[n]:9.4f}" for n in names))
+    return lines

@@ -1,0 +1,231 @@
+"""Hugging Face model directories: writing a CoLA export and reading CoLA (or dense LLaMA) checkpoints.
+
+An export is self-contained: ``config.json`` (model_type ``cola``, ``auto_map``), the shipped
+``configuration_cola.py`` / ``modeling_cola.py`` (torch + transformers only), the weights as safetensors (one
+``model.safetensors``, or shards with ``model.safetensors.index.json`` above ``max_shard_size``, written by
+``huggingface_hub``'s own sharding), and the tokenizer when the run had one, so that
+
+    AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)
+    AutoTokenizer.from_pretrained(export, trust_remote_code=True)   # a PreTrainedTokenizerFast
+
+work offline. (transformers 5 reads config.json, with its remote-code auto_map, even for the tokenizer, hence the
+flag there too.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from cola_megatron.convert.errors import ConversionError
+
+SHIPPED_MODULES = ("configuration_cola.py", "modeling_cola.py")
+SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_FILE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+# Buffers some checkpoints carry that are recomputed, not learned.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConversionError("Hugging Face conversion needs transformers: pip install 'cola-megatron[hf]'") from None
+
+
+def _shipped_dir() -> str:
+    from cola_megatron import hf
+
+    return os.path.dirname(os.path.abspath(hf.__file__))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def tokenizer_special_ids(tokenizer_file: str, model_vocab_size: Optional[int] = None) -> Dict[str, Optional[int]]:
+    """eos (the end-of-document token) and pad ids of a ``tokenizer.json``, found as the data pipeline finds them;
+    the tokenizer must fit the model's vocabulary."""
+    from cola_megatron.data.errors import DataError
+    from cola_megatron.data.tokenizer import TokenizerAdapter, check_vocab
+
+    try:
+        adapter = TokenizerAdapter(tokenizer_file)
+        if model_vocab_size is not None:
+            check_vocab(adapter, model_vocab_size)
+    except DataError as e:
+        raise ConversionError(f"{e} (or pass --tokenizer PATH / --no-tokenizer)") from None
+    try:
+        pad = adapter.pad
+    except AttributeError:  # no pad token: generation pads with eos
+        pad = None
+    return {"bos_token_id": None, "eos_token_id": adapter.eod, "pad_token_id": pad}
+
+
+def save_tokenizer(tokenizer_file: str, out_dir: str, model_max_length: int) -> None:
+    """``tokenizer.json`` + ``tokenizer_config.json`` (PreTrainedTokenizerFast) so AutoTokenizer loads it."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    ids = tokenizer_special_ids(tokenizer_file)
+    backend = Tokenizer.from_file(tokenizer_file)
+    names = {k.replace("_id", ""): backend.id_to_token(v) for k, v in ids.items() if v is not None}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, model_max_length=model_max_length, **names)
+    tokenizer.save_pretrained(out_dir)
+    # Name the class every transformers version resolves (v5 writes its own alias, unknown to v4).
+    config_path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(config_path) as f:
+        tokenizer_config = json.load(f)
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_path, "w") as f:
+        json.dump(tokenizer_config, f, indent=2)
+
+
+def write_export(out_dir: str, state: Mapping[str, torch.Tensor], config_fields: Mapping[str, Any],
+                 tokenizer_file: Optional[str] = None, max_shard_size: str = "5GB",
+                 dtype: str = "float32") -> None:
+    """A loadable Hugging Face directory from reference-named tensors and ``ColaConfig`` fields."""
+    _require_transformers()
+    from huggingface_hub import save_torch_state_dict
+
+    from cola_megatron.hf.configuration_cola import ColaConfig
+    from cola_megatron.hf.modeling_cola import expected_parameter_shapes
+
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    config = ColaConfig(**config_fields, dtype=dtype)
+    check_shapes({k: tuple(v.shape) for k, v in state.items()}, expected_parameter_shapes(config), "export")
+    os.makedirs(out_dir, exist_ok=True)
+    cast = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state.items()}
+    save_torch_state_dict(cast, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
+    for name in SHIPPED_MODULES:
+        shutil.copyfile(os.path.join(_shipped_dir(), name), os.path.join(out_dir, name))
+    if tokenizer_file:
+        save_tokenizer(tokenizer_file, out_dir, config.max_position_embeddings)
+
+
+def check_shapes(got: Mapping[str, Tuple[int, ...]], expected: Mapping[str, Tuple[int, ...]], what: str) -> None:
+    """One error naming every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = [f"{k}: {tuple(got[k])} instead of {tuple(expected[k])}" for k in expected
+             if k in got and tuple(got[k]) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        parts = [f"{label} {items[:4]}{' …' if len(items) > 4 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                 if items]
+        raise ConversionError(f"{what} weights do not match their config ({'; '.join(parts)}): the config.json "
+                              "must describe these weights (hidden_size, intermediate_size, rank, layers, vocab_size)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_config_json(model_dir: str, expected_type: str) -> Dict[str, Any]:
+    """``config.json`` of a Hugging Face model directory, checked for its ``model_type``."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from None
+    model_type = raw.get("model_type")
+    if model_type != expected_type:
+        hint = {
+            ("cola", "llama"): "for a dense LLaMA checkpoint use `cola-convert from-dense --rank R`",
+            ("llama", "cola"): "for a CoLA checkpoint use `cola-convert from-hf`",
+        }.get((expected_type, model_type), f"only model_type {expected_type!r} converts here")
+        raise ConversionError(f"{path}: unknown model_type {model_type!r}, expected {expected_type!r}; {hint}")
+    return raw
+
+
+def _weight_files(model_dir: str):
+    """(kind, files) of the weights, preferring safetensors like transformers does."""
+    for index, kind in ((SAFETENSORS_INDEX, "safetensors"), (BIN_INDEX, "bin")):
+        path = os.path.join(model_dir, index)
+        if os.path.isfile(path):
+            with open(path) as f:
+                weight_map = json.load(f).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+            absent = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
+            if absent:
+                raise ConversionError(f"{path} names shard files that are missing: {absent[:4]}")
+            return kind, [os.path.join(model_dir, f) for f in files]
+    for single, kind in ((SAFETENSORS_FILE, "safetensors"), (BIN_FILE, "bin")):
+        path = os.path.join(model_dir, single)
+        if os.path.isfile(path):
+            return kind, [path]
+    raise ConversionError(f"{model_dir} holds no weights ({SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, {BIN_FILE} or "
+                          f"{BIN_INDEX})")
+
+
+class WeightReader:
+    """Lazy access to the tensors of a Hugging Face directory: shapes first (to fail early), data on demand."""
+
+    def __init__(self, model_dir: str):
+        self.kind, self.files = _weight_files(model_dir)
+        self._location: Dict[str, str] = {}
+        self._bins: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.shapes: Dict[str, Tuple[int, ...]] = {}
+        for path in self.files:
+            if self.kind == "safetensors":
+                from safetensors import safe_open
+
+                with safe_open(path, framework="pt") as f:
+                    for name in f.keys():
+                        self._add(name, path, tuple(f.get_slice(name).get_shape()))
+            else:
+                # mmap: shapes without reading the data.
+                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                self._bins[path] = tensors
+                for name, tensor in tensors.items():
+                    self._add(name, path, tuple(tensor.shape))
+
+    def _add(self, name: str, path: str, shape: Tuple[int, ...]) -> None:
+        if name.endswith(IGNORED_SUFFIXES):
+            return
+        self._location[name] = path
+        self.shapes[name] = shape
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self._location[name]
+        if self.kind == "bin":
+            return self._bins[path][name]
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(name)
+
+    def all(self) -> Dict[str, torch.Tensor]:
+        return {name: self.get(name) for name in self.shapes}
+
+
+def read_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """config.json and the reference-named tensors of a CoLA Hugging Face directory, checked against each other
+    before any tensor is read."""
+    _require_transformers()
+    from cola_megatron.hf.configuration_cola import ColaConfig
+    from cola_megatron.hf.modeling_cola import expected_parameter_shapes
+
+    raw = read_config_json(model_dir, "cola")
+    from cola_megatron.convert.names import model_section_from_hf
+
+    model_section_from_hf(raw)  # field checks with conversion-specific messages
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
+    try:
+        config = ColaConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"{model_dir}/config.json is not a valid CoLA config: {e}") from None
+    reader = WeightReader(model_dir)
+    check_shapes(reader.shapes, expected_parameter_shapes(config), model_dir)
+    return raw, reader.all()

@@ -1,0 +1,401 @@
+"""cola-convert: torch_dist ↔ Hugging Face, resharding, dense warm starts, and clear errors.
+
+One launched process does every conversion that needs megatron-core (process start-up dominates on a small CPU);
+the reshard inside it spawns the four TP2×PP2 ranks. Checks that need no megatron-core run in the test process.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+
+SEED = 11
+MODEL = dict(arch="cola", hidden_size=64, ffn_hidden_size=96, num_layers=4, num_attention_heads=4, rank=16,
+             vocab_size=320, seq_length=32, cola_init_std=0.3)
+TOKENS = [[5, 17, 260, 3, 99, 42, 7, 300, 12, 1, 64, 128], [250, 4, 4, 8, 15, 16, 23, 42, 108, 9, 2, 77]]
+
+
+def run_config(only_lr_act: bool, tokenizer=None):
+    from cola_megatron.config import config_from_dict
+
+    return config_from_dict({
+        "model": dict(MODEL, only_lr_act=only_lr_act),
+        "train": dict(precision="fp32", seed=SEED),
+        "data": dict(mock=True, tokenizer=tokenizer),
+    })
+
+
+def train_tokenizer(path):
+    from cola_megatron.data.tokenizer import train_bpe_tokenizer
+
+    text = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine"] * 20
+    train_bpe_tokenizer(text, vocab_size=300, min_frequency=1).save(str(path))
+
+
+def make_dense_llama(path, kv_heads=2):
+    """A tiny random dense LLaMA saved as transformers does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return config
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Everything that runs megatron-core, in one launched process
+
+
+def _initial_state(cfg):
+    """The unsplit model a run starts from (initialisation does not depend on the layout)."""
+    from cola_megatron.convert import megatron_io
+    from cola_megatron.model import initialize_parameters
+
+    cfg = megatron_io.unsplit(cfg)
+    megatron_io.initialize(cfg)
+    (model,) = megatron_io.build_chunks(cfg)
+    initialize_parameters([model], cfg.train.seed, cfg.model.init_std)
+    return model, {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def _megatron_logits(ckpt, cfg, tokens):
+    from cola_megatron.convert import megatron_io
+
+    cfg = megatron_io.unsplit(cfg)
+    megatron_io.initialize(cfg)
+    (model,) = megatron_io.build_chunks(cfg)
+    megatron_io.load_into([model], megatron_io.resolve_checkpoint(ckpt))
+    model.eval()
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        return model(tokens, positions, None)
+
+
+def _hf_outputs(export, tokens):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True).eval()
+    out = {"module": type(model).__module__}
+    with torch.no_grad():
+        out["logits"] = model(tokens).logits
+        out["generated"] = model.generate(tokens[:1, :4], max_new_tokens=4, min_new_tokens=4, do_sample=False).shape
+    if os.path.isfile(os.path.join(export, "tokenizer.json")):
+        tokenizer = AutoTokenizer.from_pretrained(export, trust_remote_code=True)
+        text = "the lazy fox"
+        out["tokenizer"] = (isinstance(tokenizer, PreTrainedTokenizerFast),
+                            tokenizer.decode(tokenizer(text)["input_ids"]) == text, tokenizer.eos_token)
+    return out
+
+
+def _error_of(fn, *args, **kwargs):
+    from cola_megatron.convert import ConversionError
+
+    try:
+        fn(*args, **kwargs)
+    except ConversionError as e:
+        return str(e)
+    return None
+
+
+def _convert_everything(root):
+    from cola_megatron.convert import cli, megatron_io, names
+
+    tokens = torch.tensor(TOKENS)
+    tokenizer = os.path.join(root, "tokenizer.json")
+    train_tokenizer(tokenizer)
+    results = {}
+    for only in (False, True):
+        tag = f"only_lr_act={only}"
+        cfg = run_config(only, tokenizer if not only else None)
+        model, initial = _initial_state(cfg)
+        tp1 = os.path.join(root, f"{tag}/tp1")
+        megatron_io.write_full_state(initial, cfg, tp1, iteration=7)
+        source = tp1
+        if not only:  # the acceptance layout: a checkpoint written by the TP2 x PP2 ranks
+            source = os.path.join(root, f"{tag}/tp2pp2")
+            assert cli.main(["reshard", tp1, source, "--tensor-parallel", "2", "--pipeline-parallel", "2"]) == 0
+        export = os.path.join(root, f"{tag}/hf")
+        argv = ["to-hf", source, export] + (["--max-shard-size", "60KB"] if not only else [])
+        assert cli.main(argv) == 0
+        back = os.path.join(root, f"{tag}/back")
+        assert cli.main(["from-hf", export, back]) == 0
+        ckpt = megatron_io.resolve_checkpoint(back)
+        roundtrip = megatron_io.read_full_state(ckpt, megatron_io.read_config(ckpt))
+        reference_layout = {}
+        for i, layer in enumerate(model.decoder.layers):
+            for slot in (layer.self_attention.linear_qkv, layer.mlp.linear_fc1):
+                reference_layout[f"{i}.{type(slot).__name__}"] = [(a.detach().clone(), b.detach().clone())
+                                                                 for a, b in slot.reference_layout()]
+        results[tag] = {
+            "files": sorted(os.listdir(export)),
+            "config": json.load(open(os.path.join(export, "config.json"))),
+            "source_files": sorted(os.listdir(megatron_io.resolve_checkpoint(source))),
+            "source_config": megatron_io.read_config(megatron_io.resolve_checkpoint(source)).parallel.__dict__,
+            "initial": initial,
+            "roundtrip": roundtrip,
+            "reference_layout": reference_layout,
+            "megatron_logits": _megatron_logits(source, cfg, tokens),
+            "hf": _hf_outputs(export, tokens),
+            "export_state": _read_export(export),
+        }
+
+    # A reference-written directory: pytorch_model.bin, the reference's config spellings, a rotary buffer.
+    export = os.path.join(root, "only_lr_act=False/hf")
+    reference_dir = os.path.join(root, "reference")
+    os.makedirs(reference_dir)
+    state = _read_export(export)
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    torch.save(state, os.path.join(reference_dir, "pytorch_model.bin"))
+    config = json.load(open(os.path.join(export, "config.json")))
+    for key in ("auto_map", "only_lr_act", "lr_act_type", "dtype", "head_dim", "transformers_version"):
+        config.pop(key, None)
+    config["max_sequence_length"] = config.pop("max_position_embeddings")
+    json.dump(config, open(os.path.join(reference_dir, "config.json"), "w"))
+    assert cli.main(["from-hf", reference_dir, os.path.join(root, "from-reference")]) == 0
+    ckpt = megatron_io.resolve_checkpoint(os.path.join(root, "from-reference"))
+    results["from_reference"] = megatron_io.read_full_state(ckpt, megatron_io.read_config(ckpt))
+
+    # from-dense through the command line into a torch_dist checkpoint.
+    dense_dir = os.path.join(root, "dense")
+    make_dense_llama(dense_dir)
+    assert cli.main(["from-dense", dense_dir, os.path.join(root, "warm"), "--rank", "8"]) == 0
+    ckpt = megatron_io.resolve_checkpoint(os.path.join(root, "warm"))
+    warm_cfg = megatron_io.read_config(ckpt)
+    results["warm"] = (warm_cfg.model.rank, names.megatron_to_reference(
+        megatron_io.read_full_state(ckpt, warm_cfg), warm_cfg.model.num_layers))
+
+    # A config that does not describe the checkpoint.
+    wrong = os.path.join(root, "wrong_rank.yaml")
+    with open(wrong, "w") as f:
+        json.dump({"model": dict(MODEL, rank=8), "data": {"mock": True}}, f)
+    results["mismatch"] = _error_of(cli.to_hf, cli.build_parser().parse_args(
+        ["to-hf", os.path.join(root, "only_lr_act=True/tp1"), os.path.join(root, "x"), "--config", wrong]))
+    return results
+
+
+def _read_export(export):
+    from cola_megatron.convert.hf_io import WeightReader
+
+    return WeightReader(export).all()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(root / "hf_home")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # inherited by the spawned process
+    try:
+        (results,) = run_distributed(_convert_everything, 1, str(root), timeout=900)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Acceptance
+
+
+def test_tp2_pp2_to_hf_to_tp1_is_bit_identical(converted):
+    result = converted["only_lr_act=False"]
+    assert result["source_config"]["tensor_parallel"] == 2 and result["source_config"]["pipeline_parallel"] == 2
+    assert sum(f.endswith(".distcp") for f in result["source_files"]) >= 4, "not written by the four ranks"
+    initial, roundtrip = result["initial"], result["roundtrip"]
+    assert set(roundtrip) == set(initial)
+    for name, tensor in initial.items():
+        assert roundtrip[name].dtype == tensor.dtype and torch.equal(roundtrip[name], tensor), name
+
+
+def test_export_has_reference_names_shapes_and_files(converted):
+    from cola_megatron.hf.configuration_cola import ColaConfig
+    from cola_megatron.hf.modeling_cola import expected_parameter_shapes
+
+    for tag, only in (("only_lr_act=False", False), ("only_lr_act=True", True)):
+        result = converted[tag]
+        config = result["config"]
+        assert config["model_type"] == "cola" and config["rank"] == 16 and config["only_lr_act"] is only
+        assert config["lr_act_type"] == "silu" and config["intermediate_size"] == 96
+        assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_cola.ColaForCausalLM"
+        assert {"config.json", "configuration_cola.py", "modeling_cola.py"} <= set(result["files"])
+        shapes = {k: tuple(v.shape) for k, v in result["export_state"].items()}
+        assert shapes == expected_parameter_shapes(ColaConfig(**{k: config[k] for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "rank")}))
+        # The exported A/B are exactly what the megatron slots call their reference layout.
+        for key, branches in result["reference_layout"].items():
+            layer, slot = key.split(".")
+            projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj") if slot == "CoLAQKV" \
+                else ("mlp.gate_proj", "mlp.up_proj")
+            for (a, b), proj in zip(branches, projections):
+                assert torch.equal(result["export_state"][f"model.layers.{layer}.{proj}.cola_a"], a)
+                assert torch.equal(result["export_state"][f"model.layers.{layer}.{proj}.cola_b"], b)
+    sharded = converted["only_lr_act=False"]["files"]
+    assert "model.safetensors.index.json" in sharded and sum(f.startswith("model-0") for f in sharded) > 1
+    single = converted["only_lr_act=True"]["files"]
+    assert "model.safetensors" in single and "tokenizer.json" not in single
+
+
+@pytest.mark.parametrize("tag", ["only_lr_act=False", "only_lr_act=True"])
+def test_hf_logits_equal_megatron_logits(converted, tag):
+    result = converted[tag]
+    hf = result["hf"]
+    assert not hf["module"].startswith("cola_megatron"), "the export must load its own shipped code"
+    assert hf["logits"].dtype == torch.float32
+    torch.testing.assert_close(hf["logits"], result["megatron_logits"], atol=1e-4, rtol=0)
+    assert hf["generated"] == (1, 8)
+
+
+def test_only_lr_act_changes_the_model(converted):
+    """Guards the logits comparison against both settings silently building the same MLP."""
+    a, b = (converted[t]["megatron_logits"] for t in ("only_lr_act=False", "only_lr_act=True"))
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_tokenizer_is_shipped_and_loads(converted):
+    result = converted["only_lr_act=False"]
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(result["files"])
+    fast, roundtrips, eos = result["hf"]["tokenizer"]
+    assert fast and roundtrips and eos == "<|endoftext|>"
+    assert result["config"]["eos_token_id"] == 0 and result["config"]["pad_token_id"] == 1
+
+
+def test_from_hf_accepts_reference_checkpoints(converted):
+    """pytorch_model.bin, max_sequence_length, no only_lr_act/lr_act_type, a rotary buffer: same tensors."""
+    initial = converted["only_lr_act=False"]["initial"]
+    loaded = converted["from_reference"]
+    assert set(loaded) == set(initial) and all(torch.equal(loaded[k], initial[k]) for k in initial)
+
+
+def test_from_dense_cli_writes_the_svd_factors(converted, tmp_path):
+    from cola_megatron.convert import dense, hf_io
+
+    rank, warm = converted["warm"]
+    assert rank == 8
+    # The same factors as computing them here: the command wrote and re-read them.
+    make_dense_llama(tmp_path)
+    raw = hf_io.read_config_json(str(tmp_path), "llama")
+    expected, _ = dense.cola_from_dense(raw, hf_io.WeightReader(str(tmp_path)), 8)
+    assert set(warm) == set(expected)
+    for name, tensor in expected.items():
+        # (LAPACK's results depend on the thread count, which differs between the two processes.)
+        torch.testing.assert_close(warm[name], tensor.float(), atol=1e-6, rtol=0)
+
+
+def test_config_that_does_not_describe_the_checkpoint_is_refused(converted):
+    message = converted["mismatch"]
+    assert message and "does not hold the model" in message and "--config" in message
+    assert "linear_fc2.b_weight: checkpoint (4, 1, 64, 16), config (4, 1, 64, 8)" in message
+
+
+# --------------------------------------------------------------------------------------------------------------
+# from-dense maths (no megatron-core needed)
+
+
+def test_from_dense_factors_are_the_truncated_svd(tmp_path):
+    from cola_megatron.convert import dense, hf_io
+
+    make_dense_llama(tmp_path, kv_heads=2)
+    raw = hf_io.read_config_json(str(tmp_path), "llama")
+    weights = hf_io.WeightReader(str(tmp_path))
+    rank = 8
+    state, errors = dense.cola_from_dense(raw, weights, rank)
+    assert len(errors) == 2 and all(0 < e < 1 for layer in errors for e in layer.values())
+    for i in range(2):
+        for proj in dense.PROJECTIONS:
+            w = weights.get(f"model.layers.{i}.{proj}.weight").double()
+            if proj in ("self_attn.k_proj", "self_attn.v_proj"):  # one kv head per two query heads
+                w = w.reshape(2, 16, 64).repeat_interleave(2, dim=0).reshape(64, 64)
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            truncated = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+            a = state[f"model.layers.{i}.{proj}.cola_a"].double().T  # (r, d_in)
+            b = state[f"model.layers.{i}.{proj}.cola_b"].double().T  # (d_out, r)
+            torch.testing.assert_close(b @ a, truncated, atol=1e-5, rtol=0)
+            # singular values split symmetrically: A·Aᵀ = Bᵀ·B = S_r
+            torch.testing.assert_close(a @ a.T, torch.diag(s[:rank]), atol=1e-5, rtol=0)
+            torch.testing.assert_close(b.T @ b, torch.diag(s[:rank]), atol=1e-5, rtol=0)
+            error = ((w - b @ a).norm() / w.norm()).item()
+            assert errors[i][proj.split(".")[1]] == pytest.approx(error, rel=1e-4)
+    assert torch.equal(state["lm_head.weight"], weights.get("lm_head.weight"))
+    assert dense.format_errors(errors)[0].split() == ["layer", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                    "up_proj", "down_proj"]
+
+
+def test_gqa_expansion_is_what_llama_attention_does():
+    from cola_megatron.convert.dense import expand_kv_heads
+
+    w = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(2 * 3, 5)  # 2 kv heads of head_dim 3
+    expanded = expand_kv_heads(w, heads=4, kv_heads=2).reshape(4, 3, 5)
+    for h in range(4):
+        assert torch.equal(expanded[h], w.reshape(2, 3, 5)[h // 2])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Clear errors before any heavy work (these never import megatron-core)
+
+
+def _cli(capsys, *argv):
+    from cola_megatron.convert.cli import main
+
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    code, err = _cli(capsys, "to-hf", str(tmp_path), str(tmp_path / "out"))
+    assert code == 2 and "is not a megatron torch_dist checkpoint" in err and "save_dir" in err
+    (tmp_path / "latest").write_text("iter_0000009\n")
+    code, err = _cli(capsys, "reshard", str(tmp_path), str(tmp_path / "out"), "--tp", "2", "--pp", "1")
+    assert code == 2 and "not a complete checkpoint" in err
+    code, err = _cli(capsys, "from-hf", str(tmp_path), str(tmp_path / "out"))
+    assert code == 2 and "not a Hugging Face model directory" in err
+
+
+def test_unknown_model_type(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, err = _cli(capsys, "from-hf", str(tmp_path), str(tmp_path / "out"))
+    assert code == 2 and "unknown model_type 'gpt2'" in err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    code, err = _cli(capsys, "from-hf", str(tmp_path), str(tmp_path / "out"))
+    assert code == 2 and "from-dense" in err
+    code, err = _cli(capsys, "from-dense", str(tmp_path), str(tmp_path / "out"), "--rank", "8")
+    assert code == 2 and "lacks" in err
+
+
+def test_hf_config_and_weights_shape_mismatch(tmp_path, capsys):
+    from cola_megatron.hf.configuration_cola import ColaConfig
+    from cola_megatron.hf.modeling_cola import ColaForCausalLM
+
+    config = ColaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=2, rank=8)
+    ColaForCausalLM(config).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(raw, rank=4)))
+    code, err = _cli(capsys, "from-hf", str(tmp_path), str(tmp_path / "out"))
+    assert code == 2 and "wrong shape" in err and "cola_a: (32, 8) instead of (32, 4)" in err
+    assert not (tmp_path / "out").exists(), "nothing may be written for bad input"
+
+
+def test_dense_rank_too_large_and_existing_output(tmp_path, capsys):
+    make_dense_llama(tmp_path / "dense")
+    code, err = _cli(capsys, "from-dense", str(tmp_path / "dense"), str(tmp_path / "out"), "--rank", "80")
+    assert code == 2 and "model.rank" in err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("precious")
+    code, err = _cli(capsys, "from-dense", str(tmp_path / "dense"), str(tmp_path / "out"), "--rank", "8")
+    assert code == 2 and "already exists" in err and (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_tool_script_reports_errors(tmp_path):
+    out = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "to-hf", str(tmp_path / "missing"),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 2 and "does not exist" in out.stderr
