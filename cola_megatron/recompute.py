@@ -28,7 +28,7 @@ like megatron's ``TransformerLayer``: ``out, _ = layer(hidden_states, attention_
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
