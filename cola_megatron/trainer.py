@@ -77,6 +77,22 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
 
 
+@torch.no_grad()
+def _step_with_bf16_grads(optimizer, clip: float):
+    """megatron's optimizer step for bf16 gradients: the same stages, with the clipping done here because
+    megatron's ``clip_grad_by_total_norm_fp32`` accepts fp32 gradients only. The norm is megatron's (model-parallel
+    duplicates counted once)."""
+    if optimizer.prepare_grads():
+        return False, None
+    norm = optimizer.get_grad_norm()
+    if clip > 0 and norm > clip:
+        coeff = clip / (norm + 1e-6)
+        for param in optimizer.get_parameters():
+            if param.grad is not None:
+                param.grad.mul_(coeff)
+    return optimizer.step_with_ready_grads(), norm
+
+
 def _forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
@@ -130,6 +146,8 @@ class Trainer:
         if cfg.train.precision in ("bf16", "fp16") and not cfg.train.pure_bf16:
             chunks = [Float16Module(self.tconfig, c) for c in chunks]
         ddp_config = DistributedDataParallelConfig(
+            # Pure bf16 keeps gradients in the parameters' dtype: torch's AdamW refuses fp32 gradients for bf16
+            # weights (the reference accumulates in bf16 too).
             grad_reduce_in_fp32=not cfg.train.pure_bf16,
             overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
             overlap_param_gather=cfg.parallel.overlap_param_gather,
@@ -154,7 +172,8 @@ class Trainer:
             adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2,
             adam_eps=o.adam_eps,
-            clip_grad=o.clip_grad,
+            # megatron's clipping asserts fp32 gradients; pure-bf16 steps clip in _step_with_bf16_grads instead.
+            clip_grad=0.0 if t.pure_bf16 else o.clip_grad,
             bf16=mixed and t.precision == "bf16",
             fp16=mixed and t.precision == "fp16",
             params_dtype=torch.bfloat16 if t.pure_bf16 else torch.float32,
@@ -264,7 +283,10 @@ class Trainer:
                     f"{self.cfg.train.max_nan_skips}); stopping without saving. Lower optimizer.lr, check the data, "
                     "or resume from the last checkpoint")
         else:
-            update_ok, grad_norm, _ = self.optimizer.step()
+            if self.cfg.train.pure_bf16:
+                update_ok, grad_norm = _step_with_bf16_grads(self.optimizer, self.cfg.optimizer.clip_grad)
+            else:
+                update_ok, grad_norm, _ = self.optimizer.step()
             if update_ok:
                 self.scheduler.step(increment=1)
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")

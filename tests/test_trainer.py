@@ -16,7 +16,7 @@ from tests.distributed import run_distributed
 ITERS = 5
 
 
-def _cfg(arch: str, **parallel):
+def _cfg(arch: str, train=None, **parallel):
     from cola_megatron.config import config_from_dict
 
     model = dict(arch=arch, hidden_size=64, ffn_hidden_size=128, num_layers=4, num_attention_heads=4, rank=16,
@@ -24,8 +24,8 @@ def _cfg(arch: str, **parallel):
     return config_from_dict({
         "model": model,
         "parallel": parallel,
-        "train": dict(micro_batch_size=2, global_batch_size=8, train_iters=ITERS, precision="fp32", eval_iters=0,
-                      seed=7),
+        "train": dict(dict(micro_batch_size=2, global_batch_size=8, train_iters=ITERS, precision="fp32",
+                           eval_iters=0, seed=7), **(train or {})),
         "optimizer": dict(lr=3e-3, warmup_iters=1),
         "data": dict(mock=True),
         "logging": dict(log_interval=100),
@@ -40,14 +40,37 @@ def _losses(cfg):
 
 
 def _run_layouts(layouts):
-    """[(name, arch, parallel kwargs)] → {name: losses} (rank 0's view; every rank has the same losses)."""
+    """[(name, arch, parallel kwargs[, train overrides])] → {name: losses} (every rank has the same losses)."""
     import torch.distributed as dist
 
     results = {}
-    for name, arch, parallel in layouts:
-        results[name] = _losses(_cfg(arch, **parallel))
+    for name, arch, parallel, *train in layouts:
+        results[name] = _losses(_cfg(arch, train=train[0] if train else None, **parallel))
         dist.barrier()
     return results
+
+
+def _precision_runs():
+    """Mixed and pure bf16 on CPU, and the learning rates megatron's scheduler applies."""
+    from cola_megatron.train import run
+
+    out = {}
+    for name, train in {"fp32": {}, "bf16": {"precision": "bf16"},
+                        "pure_bf16": {"precision": "bf16", "pure_bf16": True}}.items():
+        trainer = run(_cfg("cola", train=dict(train, train_iters=8)), log=False)
+        opt = trainer.optimizer
+        inner = getattr(opt, "chained_optimizers", [opt])[0].optimizer  # the torch optimizer megatron drives
+        out[name] = {"losses": trainer.history,
+                     "param_dtype": str(next(trainer.model[0].parameters()).dtype),
+                     "master_dtype": str(inner.param_groups[0]["params"][0].dtype)}
+    # 1 warmup step, then cosine from 3e-3 to 3e-4 by step 8 (megatron's OptimizerParamScheduler).
+    sched, group = trainer.scheduler, trainer.optimizer.param_groups[0]
+    lrs = []
+    for step in range(9):
+        sched.num_steps = step
+        lrs.append(sched.get_lr(group))
+    out["lrs"] = lrs
+    return out
 
 
 LAYOUTS_WORLD_2 = [
@@ -63,7 +86,8 @@ LAYOUTS_WORLD_2 = [
 @pytest.fixture(scope="module")
 def layout_losses():
     archs = ("cola", "dense")
-    ref = run_distributed(_run_layouts, 1, [(f"{a}/TP1", a, {}) for a in archs])[0]
+    ref = run_distributed(_run_layouts, 1, [(f"{a}/TP1", a, {}) for a in archs]
+                          + [("cola/TP1-micro8", "cola", {}, {"micro_batch_size": 8})])[0]
     world2 = run_distributed(_run_layouts, 2, [(f"{a}/{n}", a, p) for a in archs for n, p in LAYOUTS_WORLD_2])[0]
     world4 = run_distributed(_run_layouts, 4, [(f"{a}/TP2-PP2", a, dict(tensor_parallel=2, pipeline_parallel=2))
                                                for a in archs])[0]
@@ -83,6 +107,39 @@ def test_losses_match_single_process(layout_losses, arch, layout):
 def test_distributed_optimizer_matches_plain_dp(layout_losses):
     for arch in ("cola", "dense"):
         assert layout_losses[f"{arch}/DP2-distopt"] == pytest.approx(layout_losses[f"{arch}/DP2"], rel=1e-5)
+
+
+def test_gradient_accumulation_matches_one_big_micro_batch(layout_losses):
+    assert layout_losses["cola/TP1-micro8"] == pytest.approx(layout_losses["cola/TP1"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def precision_runs():
+    return run_distributed(_precision_runs, 1)[0]
+
+
+def test_bf16_mixed_precision_keeps_fp32_masters(precision_runs):
+    fp32, bf16 = precision_runs["fp32"], precision_runs["bf16"]
+    assert bf16["param_dtype"] == "torch.bfloat16" and bf16["master_dtype"] == "torch.float32"
+    assert fp32["param_dtype"] == fp32["master_dtype"] == "torch.float32"
+    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=2e-2)
+    assert bf16["losses"] != fp32["losses"]  # it really computed in bf16
+
+
+def test_pure_bf16_has_no_fp32_copy(precision_runs):
+    pure = precision_runs["pure_bf16"]
+    assert pure["param_dtype"] == pure["master_dtype"] == "torch.bfloat16"
+    assert all(math.isfinite(x) for x in pure["losses"])
+    assert pure["losses"] == pytest.approx(precision_runs["fp32"]["losses"], rel=5e-2)
+
+
+def test_warmup_then_cosine_to_min_lr(precision_runs):
+    lrs = precision_runs["lrs"]  # steps 0..8, warmup 1, decay over 8, peak 3e-3, floor 10 %
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(3e-3)
+    for step in range(1, 9):
+        progress = (step - 1) / 7
+        expect = 3e-4 + 0.5 * (3e-3 - 3e-4) * (1 + math.cos(math.pi * progress))
+        assert lrs[step] == pytest.approx(expect, rel=1e-6), step
 
 
 def test_cola_and_dense_differ(layout_losses):
