@@ -86,8 +86,7 @@ class TrainConfig:
     precision: str = "bf16"
     """'bf16' (fp32 master weights), 'fp16' or 'fp32'."""
     pure_bf16: bool = False
-    """The reference implementation's mode: bf16 weights and optimizer state, no fp32 master copy (gradients are
-    still accumulated and reduced in fp32, which megatron's gradient clipping requires)."""
+    """The reference implementation's mode: bf16 weights, gradients and optimizer state, no fp32 master copy."""
     eval_interval: int = 0
     """Validate every N iterations (0: only at the end when a validation set exists)."""
     eval_iters: int = 10
