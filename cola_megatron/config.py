@@ -338,6 +338,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if m.num_query_groups not in (None, m.num_attention_heads):
             _fail("model.num_query_groups", "CoLA follows the paper's multi-head attention",
                   "leave model.num_query_groups null for arch=cola")
+        if m.recompute == "cola_m" and (m.attention_dropout or m.hidden_dropout):
+            _fail("model.recompute", "cola_m recomputes without replaying dropout masks",
+                  "set model.attention_dropout=0 and model.hidden_dropout=0 (the paper uses none), or recompute=full")
     else:
         if m.recompute == "cola_m":
             _fail("model.recompute", "cola_m needs CoLA projections", "use recompute=full or none with arch=dense")

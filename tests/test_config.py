@@ -77,6 +77,7 @@ BAD = [
     ({"model": {"rank": 4096}}, None, "model.rank: 4096 exceeds"),
     ({"model": {"num_query_groups": 2}}, None, "model.num_query_groups: CoLA follows the paper's multi-head attention"),
     ({"model": {"recompute": "some"}}, None, "model.recompute: 'some' is not one of"),
+    ({"model": {"recompute": "cola_m", "hidden_dropout": 0.1}}, None, "model.recompute: cola_m recomputes without replaying dropout masks"),
     ({"model": {"arch": "dense", "recompute": "cola_m"}}, None, "model.recompute: cola_m needs CoLA projections"),
     ({"model": {"num_attention_heads": 8}, "parallel": {"tensor_parallel": 3}}, None, "model.num_attention_heads: 8 is not divisible by parallel.tensor_parallel=3"),
     ({"model": {"num_attention_heads": 4, "hidden_size": 256, "ffn_hidden_size": 5461, "rank": 64}, "parallel": {"tensor_parallel": 4}}, None, "model.ffn_hidden_size (after ffn_multiple_of padding): 5461 is not divisible by parallel.tensor_parallel=4"),

@@ -155,8 +155,10 @@ class _CoLASlot(MegatronModule):
 
     def _branches(self, activated: torch.Tensor) -> list:
         """Apply each branch's B to its slice of the activated bottleneck."""
+        # split/unbind rather than indexing: their backward writes each slice's gradient once, where indexing
+        # zero-fills a full-size gradient per branch.
         r = self.b_weight.shape[2]
-        return [F.linear(activated[..., i * r : (i + 1) * r], self.b_weight[i]) for i in range(self.num_branches)]
+        return [F.linear(a, b) for a, b in zip(activated.split(r, dim=-1), self.b_weight.unbind(0))]
 
     # The forward is split into encode (A, up to the pre-activation z) and decode (σ and B) so that CoLA-M
     # (cola_megatron.recompute) can store z and re-run only the decode side.
