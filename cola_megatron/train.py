@@ -61,24 +61,30 @@ def build_data(cfg: Config):
 
 def run(cfg: Config, log: bool = True):
     """Train under an initialised (or single-process) torch.distributed environment; returns the Trainer."""
+    from cola_megatron.checkpoint import Checkpointer
     from cola_megatron.parallel import initialize_distributed
-    from cola_megatron.trainer import Trainer
+    from cola_megatron.trainer import Trainer, TrainingStopped
 
     p = cfg.parallel
+    # Finds the checkpoint to resume from and checks its model shape before anything heavy is built.
+    checkpointer = Checkpointer(cfg) if (cfg.checkpoint.save_dir or cfg.checkpoint.load_dir) else None
     device = initialize_distributed(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline,
                                     seed=cfg.train.seed, device=cfg.train.device)
     _, train_ds, valid_ds = build_data(cfg)
     trainer = Trainer(cfg, device, log=log)
     trainer.attach_data(train_ds, valid_ds)
-    try:
-        from cola_megatron.checkpoint import Checkpointer
-    except ImportError:
-        Checkpointer = None
-    if Checkpointer is not None and (cfg.checkpoint.save_dir or cfg.checkpoint.load_dir):
-        checkpointer = Checkpointer(cfg)
+    if checkpointer is not None:
         checkpointer.resume(trainer)
         trainer.attach_checkpointer(checkpointer)
-    trainer.train()
+    try:
+        trainer.train()
+    except TrainingStopped:
+        if checkpointer is not None:
+            checkpointer.close()  # every rank stops here together: a pending async save can still commit
+        raise
+    finally:
+        if checkpointer is not None:
+            checkpointer.close(abort=True)  # after any other error a pending save is abandoned; `latest` stays
     return trainer
 
 
@@ -94,6 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         dry_run(cfg, world_size)
         return 0
+    from cola_megatron.checkpoint import CheckpointError
     from cola_megatron.data.errors import DataError
     from cola_megatron.trainer import TrainingStopped
 
@@ -101,6 +108,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run(cfg)
     except DataError as e:
         print(f"cola-train: data error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointError as e:
+        print(f"cola-train: checkpoint error: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
         print(f"cola-train: {e.message}", file=sys.stderr)
