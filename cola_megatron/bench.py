@@ -27,6 +27,8 @@ from cola_megatron.config import Config, ConfigError, config_from_dict, load_con
 # variant name -> overrides applied on top of the base config's model section
 VARIANTS = {
     "cola": {"arch": "cola", "recompute": "none"},
+    "cola_compile": {"arch": "cola", "recompute": "none", "torch_compile": True},
+    "dense_compile": {"arch": "dense", "recompute": "none", "torch_compile": True},
     "dense": {"arch": "dense", "recompute": "none"},
     "cola_m": {"arch": "cola", "recompute": "cola_m"},
     "cola_full": {"arch": "cola", "recompute": "full"},
@@ -54,7 +56,9 @@ def variant_config(base: Config, variant: str, micro_batch: int, steps: int, lay
     if variant not in VARIANTS:
         raise ConfigError(f"--variants: unknown variant {variant!r}. Fix: choose from {', '.join(VARIANTS)}")
     values = base.to_dict()
-    values["model"].update(VARIANTS[variant])
+    variant_values = dict(VARIANTS[variant])
+    values["train"]["torch_compile"] = variant_values.pop("torch_compile", False)
+    values["model"].update(variant_values)
     if layers is not None:
         values["model"]["num_layers"] = layers
     if ffn_multiple_of is not None:

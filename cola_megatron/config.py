@@ -95,6 +95,7 @@ class TrainConfig:
     max_nan_skips: int = 5
     """Skip up to this many steps with a NaN/inf loss, then stop."""
     torch_compile: bool = False
+    """torch.compile each transformer layer (fuses the elementwise work around the GEMMs; compiles once per shape)."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cuda' or 'cpu'."""
 

@@ -143,6 +143,12 @@ class Trainer:
             chunks.append(build_model(cfg, self.tconfig, pre_process=pre, post_process=post, vp_stage=vp_stage))
         initialize_parameters(chunks, cfg.train.seed, cfg.model.init_std)
         chunks = [c.to(self.device) for c in chunks]
+        if cfg.train.torch_compile:
+            # Per transformer layer (in place: parameter names and checkpoints are unchanged); the pipeline
+            # schedules, DDP hooks and the loss stay eager.
+            for chunk in chunks:
+                for layer in chunk.decoder.layers:
+                    layer.compile()
         if cfg.train.precision in ("bf16", "fp16") and not cfg.train.pure_bf16:
             chunks = [Float16Module(self.tconfig, c) for c in chunks]
         ddp_config = DistributedDataParallelConfig(

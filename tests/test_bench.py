@@ -15,7 +15,7 @@ def _bench(*args, timeout=600):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out_json = tmp_path_factory.mktemp("bench") / "bench.json"
-    out = _bench("--variants", "cola,dense,cola_full,cola_m", "--steps", "2", "--warmup", "1",
+    out = _bench("--variants", "cola,dense,cola_full,cola_m,cola_compile", "--steps", "2", "--warmup", "1",
                  "--micro-batch", "2", "--json", str(out_json))
     assert out.returncode == 0, out.stderr
     return out.stdout, json.loads(out_json.read_text())
@@ -23,7 +23,7 @@ def tiny_run(tmp_path_factory):
 
 def test_report_has_every_variant_and_ratios(tiny_run):
     stdout, data = tiny_run
-    assert [r["variant"] for r in data["results"]] == ["cola", "dense", "cola_full", "cola_m"]
+    assert [r["variant"] for r in data["results"]] == ["cola", "dense", "cola_full", "cola_m", "cola_compile"]
     for line in ("ratio dense/cola: throughput", "ratio cola_full/cola: throughput", "ratio cola_m/cola: throughput"):
         assert line in stdout
     assert "torch" in data["header"] and "megatron-core" in data["header"] and "device" in data["header"]
@@ -38,6 +38,7 @@ def test_variants_are_the_models_they_claim(tiny_run):
     # Same seed and data for every variant: recomputation must not change a single loss, the dense model must.
     assert by["cola_full"]["losses"] == by["cola"]["losses"]
     assert by["cola_m"]["losses"] == pytest.approx(by["cola"]["losses"], rel=1e-6)
+    assert by["cola_compile"]["losses"] == pytest.approx(by["cola"]["losses"], rel=1e-5)
     assert by["dense"]["losses"] != by["cola"]["losses"]
     assert len(by["cola"]["losses"]) == 3  # warm-up + timed steps
 
