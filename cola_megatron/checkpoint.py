@@ -119,7 +119,10 @@ def _write_config(ckpt_dir: str, cfg: Config) -> None:
 
 
 def read_checkpoint_config(ckpt_dir: str) -> Config:
-    """The config a checkpoint was saved with (its ``cola_config.yaml``)."""
+    """The config a checkpoint was saved with (its ``cola_config.yaml``); ``ckpt_dir`` may also be a save_dir
+    (its ``latest`` checkpoint is read)."""
+    if os.path.isdir(ckpt_dir) and not os.path.isfile(os.path.join(ckpt_dir, CONFIG_FILE)):
+        ckpt_dir = latest_checkpoint(ckpt_dir) or ckpt_dir
     path = os.path.join(ckpt_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{ckpt_dir} has no {CONFIG_FILE}: it is not a complete cola-megatron checkpoint. "
@@ -266,6 +269,13 @@ def _load_optimizer_state(optimizer, state_dict) -> None:
                 state["step"] = state["step"].clone()
 
 
+def _optimizer_kind(cfg: Config) -> str:
+    if cfg.parallel.use_distributed_optimizer:
+        return "distributed"
+    t = cfg.train
+    return "mixed-precision" if t.precision in ("bf16", "fp16") and not t.pure_bf16 else "fp32"
+
+
 def _layout() -> Dict[str, int]:
     from megatron.core import parallel_state as ps
 
@@ -339,13 +349,16 @@ class Checkpointer:
         self._saves = 0
 
     def _check_same_optimizer_kind(self) -> None:
-        saved = self.saved_config.parallel.use_distributed_optimizer
-        if saved != self.cfg.parallel.use_distributed_optimizer:
+        """The distributed optimizer, megatron's mixed-precision optimizer (fp32 master copies) and its fp32
+        optimizer store differently named state: switching between them can only load the model."""
+        saved, current = _optimizer_kind(self.saved_config), _optimizer_kind(self.cfg)
+        if saved != current:
             raise CheckpointError(
-                f"{self.resume_path} holds {'distributed' if saved else 'plain'} optimizer state but "
-                f"parallel.use_distributed_optimizer={str(not saved).lower()}. Fix: set "
-                f"parallel.use_distributed_optimizer={str(saved).lower()}, or checkpoint.load_optimizer=false to "
-                "load the model only")
+                f"{self.resume_path} holds {saved} optimizer state but this config uses the {current} optimizer "
+                f"(parallel.use_distributed_optimizer, train.precision). Fix: set "
+                f"parallel.use_distributed_optimizer={str(self.saved_config.parallel.use_distributed_optimizer).lower()}"
+                f" and train.precision={self.saved_config.train.precision} as in the checkpoint, or "
+                "checkpoint.load_optimizer=false to load the model only")
 
     def _find_resume_checkpoint(self) -> Optional[str]:
         c = self.cfg.checkpoint
@@ -450,8 +463,7 @@ class Checkpointer:
         path = os.path.join(self.save_dir, name)
         if _is_rank0():
             os.makedirs(self.save_dir, exist_ok=True)
-            if os.path.isdir(path):  # an incomplete leftover of an interrupted save: `latest` never named it
-                shutil.rmtree(path)
+            _clear_target(path)
             os.makedirs(path)
         dist.barrier()
 
@@ -514,6 +526,22 @@ class Checkpointer:
         for name in older[:-keep] if len(older) > keep else []:
             if name not in protected:
                 shutil.rmtree(os.path.join(self.save_dir, name), ignore_errors=True)
+
+
+def _clear_target(path: str) -> None:
+    """Make room for a new checkpoint at ``path``. An incomplete directory is a leftover of an interrupted save
+    (`latest` never named it) and goes; a complete one (a run resumed from an older checkpoint and reached this
+    iteration again) is kept under another name, since nothing saved may be lost."""
+    if not os.path.exists(path):
+        return
+    if not is_complete_checkpoint(path):
+        shutil.rmtree(path)
+        return
+    n = 1
+    while os.path.exists(f"{path}.replaced-{n}"):
+        n += 1
+    os.rename(path, f"{path}.replaced-{n}")
+    _say(f"cola-train: kept the earlier {os.path.basename(path)} as {os.path.basename(path)}.replaced-{n}")
 
 
 def _maybe_die_for_test(save_number: int) -> None:

@@ -22,15 +22,16 @@ STEPS = 10
 def _cfg(save_dir=None, iters=STEPS, load_dir=None, save_interval=0, arch="cola", **extra):
     from cola_megatron.config import config_from_dict
 
-    parallel = {k: v for k, v in extra.items() if k not in ("async_save", "keep_last", "load_optimizer")}
-    checkpoint = {k: v for k, v in extra.items() if k in ("async_save", "keep_last", "load_optimizer")}
+    checkpoint = {k: extra.pop(k) for k in ("async_save", "keep_last", "load_optimizer") if k in extra}
+    train = {k: extra.pop(k) for k in ("exit_duration_minutes",) if k in extra}
+    parallel = extra
     model = dict(arch=arch, hidden_size=64, ffn_hidden_size=128, num_layers=4, num_attention_heads=4, rank=16,
                  vocab_size=256, seq_length=32, cola_init_std=0.3)
     return config_from_dict({
         "model": model,
         "parallel": parallel,
         "train": dict(micro_batch_size=2, global_batch_size=8, train_iters=iters, precision="fp32", eval_iters=0,
-                      seed=7),
+                      seed=7, **train),
         # A fixed schedule length, so a run stopped at 5 and resumed to 10 follows the same LR curve.
         "optimizer": dict(lr=3e-3, warmup_iters=2, decay_iters=STEPS),
         "data": dict(mock=True),
@@ -73,6 +74,7 @@ def _tp2_pp2_then_other_layouts(root):
     # The iteration-5 checkpoint saved at TP2 PP2, resumed at TP1 PP2 DP2 (the same 4 processes).
     ckpt = os.path.join(root, "run", "iter_0000005")
     out["TP1-PP2-DP2"] = _train(_cfg(load_dir=ckpt, iters=6, pipeline_parallel=2)).history
+    out["TP1-PP2-VP2-DP2"] = _train(_cfg(load_dir=ckpt, iters=6, pipeline_parallel=2, virtual_pipeline=2)).history
     return out
 
 
@@ -81,14 +83,27 @@ def _dp2_distributed_optimizer_async(root):
 
 
 def _single_process_cases(root, tp2_pp2_checkpoint):
-    """TP1 PP1 resume from the TP2 PP2 checkpoint; a NaN model is refused and leaves nothing on disk."""
+    """TP1 PP1 resume from the TP2 PP2 checkpoint (full and model-only), load_model_weights, the wall-clock
+    limit, and a NaN model that is refused and leaves nothing on disk."""
+    import numpy as np
     import torch
 
-    from cola_megatron.trainer import TrainingStopped
+    from cola_megatron.checkpoint import load_model_weights
+    from cola_megatron.trainer import Trainer, TrainingStopped
 
-    out = {"TP1-PP1": _train(_cfg(load_dir=tp2_pp2_checkpoint, iters=6)).history}
+    tp1_dir = os.path.join(root, "tp1")
+    resumed = _train(_cfg(tp1_dir, load_dir=tp2_pp2_checkpoint, iters=6))
+    out = {"TP1-PP1": resumed.history,
+           "TP1-PP1-model-only": _train(_cfg(load_dir=tp2_pp2_checkpoint, iters=6, load_optimizer=False)).history}
+    fresh = Trainer(_cfg(), resumed.device, log=False)
+    load_model_weights(tp1_dir, fresh.model)  # a save_dir: its `latest` (iteration 6) is read
+    expected, got = _weights(resumed), _weights(fresh)
+    out["load_model_weights"] = expected.keys() == got.keys() and all(
+        np.array_equal(v, got[k]) for k, v in expected.items())
+
     nan_dir = os.path.join(root, "nan")
-    trainer = _train(_cfg(nan_dir, iters=1))
+    trainer = _train(_cfg(nan_dir, iters=STEPS, exit_duration_minutes=1e-6))
+    out["time_limit_history"] = len(trainer.history)
     with torch.no_grad():
         next(trainer.model[0].parameters()).fill_(float("nan"))
     try:
@@ -120,9 +135,9 @@ def test_resume_is_bit_identical(runs, layout):
         assert np.array_equal(value, r["weights_resumed"][key]), key
 
 
-@pytest.mark.parametrize("layout", ["TP1-PP1", "TP1-PP2-DP2"])
+@pytest.mark.parametrize("layout", ["TP1-PP1", "TP1-PP1-model-only", "TP1-PP2-DP2", "TP1-PP2-VP2-DP2"])
 def test_resume_at_another_layout(runs, layout):
-    history = runs["single"][layout] if layout == "TP1-PP1" else runs["TP2-PP2"][layout]
+    history = runs["single"][layout] if layout.startswith("TP1-PP1") else runs["TP2-PP2"][layout]
     assert len(history) == 1
     assert history[0] == pytest.approx(runs["TP2-PP2"]["straight"][5], rel=1e-5)
 
@@ -139,6 +154,14 @@ def test_checkpoint_layout_on_disk(runs):
     # The async save committed too (its `latest` moved after the background writers finished).
     dp2 = os.path.join(runs["root"], "dp2", "run")
     assert open(os.path.join(dp2, "latest")).read().strip() == "iter_0000010"
+
+
+def test_load_model_weights_reads_latest(runs):
+    assert runs["single"]["load_model_weights"] is True
+
+
+def test_wall_clock_limit_saves_and_stops(runs):
+    assert runs["single"]["time_limit_history"] == 1  # stopped after its first iteration, and saved it below
 
 
 def test_nan_model_is_never_saved(runs):
@@ -179,7 +202,8 @@ def test_bad_resume_input_fails_clearly(saved_copy, tmp_path):
     cases.append((_model_mismatch_cfg(str(saved_copy)), ["model.hidden_size: checkpoint 64, config 128",
                                                          "model.rank: checkpoint 16, config 32", "Fix:"]))
     cases.append((_cfg(str(saved_copy), use_distributed_optimizer=True),
-                  ["plain optimizer state", "parallel.use_distributed_optimizer=false"]))
+                  ["holds fp32 optimizer state", "parallel.use_distributed_optimizer=false",
+                   "checkpoint.load_optimizer=false"]))
     for cfg, expected in cases:
         with pytest.raises(CheckpointError) as err:
             Checkpointer(cfg)
@@ -241,6 +265,12 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert (save_dir / "latest").read_text().strip() == "iter_0000005"
     assert not (save_dir / "iter_0000010" / "cola_config.yaml").exists()  # the interrupted save never committed
+
+    before = _snapshot(save_dir)
+    wrong = _cli(save_dir, "train.train_iters=15", "model.hidden_size=128", *common)
+    assert wrong.returncode == 2
+    assert "checkpoint error" in wrong.stderr and "model.hidden_size: checkpoint 64, config 128" in wrong.stderr
+    assert "Traceback" not in wrong.stderr and _snapshot(save_dir) == before
 
     resumed = _cli(save_dir, "train.train_iters=15", *common)
     assert resumed.returncode == 0, resumed.stderr
