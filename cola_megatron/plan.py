@@ -39,7 +39,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from cola_megatron.config import Config, ConfigError, ModelConfig, load_config, validate
@@ -370,7 +370,8 @@ def stage_memory(cfg: Config, layout: Layout, stage: int, device: str = "cuda", 
     layers_per_pass = m.num_layers // (pp * layout.model_chunks)
     per_layer = layer_activations(cfg, tp, sp_on, device)
     # With recomputation the layers also keep the model chunk's rotary frequencies (s × head_dim, fp32).
-    pass_constant = 0.0 if layout.recompute == "none" else FP32 * m.seq_length * (m.hidden_size // m.num_attention_heads)
+    head_dim = m.hidden_size // m.num_attention_heads
+    pass_constant = 0.0 if layout.recompute == "none" else FP32 * m.seq_length * head_dim
     kept_per_pass = layers_per_pass * per_layer.kept(layout.recompute, tokens) + pass_constant
     first, last = stage == 0, stage == pp - 1
     embedding = embedding_activations(tp) * tokens * math.ceil(passes / layout.model_chunks) if first else 0.0

@@ -24,10 +24,10 @@ DEMO = "configs/demo.yaml"
 # The demo config on mock data, shrunk to a few seconds of CPU time.
 TINY = [
     "data.mock=true", "data.train_paths=[]", "data.valid_paths=[]", "data.tokenizer=null",
-    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.rank=16",
-    "model.seq_length=32", "model.vocab_size=256", "train.global_batch_size=8", "train.micro_batch_size=2",
-    "train.eval_iters=0", "optimizer.warmup_iters=1", "checkpoint.save_dir=null", "checkpoint.save_interval=0",
-    "logging.log_interval=1", "logging.tensorboard=false",
+    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
+    "model.rank=16", "model.seq_length=32", "model.vocab_size=256", "train.global_batch_size=8",
+    "train.micro_batch_size=2", "train.eval_iters=0", "optimizer.warmup_iters=1", "checkpoint.save_dir=null",
+    "checkpoint.save_interval=0", "logging.log_interval=1", "logging.tensorboard=false",
 ]
 TIMEOUT = 300
 

@@ -13,10 +13,10 @@ The prediction uses ``device="cpu"`` (torch's composite RMSNorm on CPU saves fp3
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -189,3 +189,157 @@ def test_predicted_memory_within_10_percent_of_measured(measured, case, rank):
     # Each part on its own, so a large part cannot hide an error in the other.
     assert predicted.model_states == pytest.approx(states, rel=0.10), detail
     assert predicted.activations == pytest.approx(activations, rel=0.10), detail
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model's parts
+
+
+@pytest.mark.parametrize("path", ["configs/cola/llama_60m.yaml", "configs/cola/llama_1b.yaml",
+                                  "configs/cola/llama_7b.yaml", "configs/dense/llama_1b.yaml"])
+def test_parameter_count_matches_the_model(path):
+    from cola_megatron.model import count_parameters
+
+    m = load_config(path).model
+    assert plan.stage_parameters(m, 1, 1, 0) == count_parameters(m).total
+    # Pipeline stages split the layers and put the embedding first, the output layer last.
+    stages = [plan.stage_parameters(m, 1, 4, s) for s in range(4)]
+    assert sum(stages) == count_parameters(m).total and stages[0] > stages[1] == stages[2] < stages[3]
+
+
+def test_cola_m_keeps_2d_plus_7r_per_token_and_layer():
+    cfg = load_config("configs/cola_m/llama_7b.yaml")
+    d, r = cfg.model.hidden_size, cfg.model.rank
+    layer = plan.layer_activations(cfg, tp=1, sequence_parallel=False)
+    assert layer.cola_m_kept == 2 * (2 * d + 7 * r)  # bf16
+    # Without recomputation (GPU kernels): 10d + 14r + 4f elements (only_lr_act) plus fp32 RMS and log-sum-exp.
+    f, heads = cfg.model.ffn_hidden_size, cfg.model.num_attention_heads
+    assert layer.full == 2 * (10 * d + 14 * r + 4 * f) + 4 * (2 + heads)
+    # Sequence parallelism shards what lives on the residual stream, TP the attention and GLU tensors.
+    sharded = plan.layer_activations(cfg, tp=4, sequence_parallel=True)
+    assert sharded.cola_m_kept == layer.cola_m_kept / 4
+    assert layer.full / 4 < sharded.full < layer.full
+
+
+def test_first_pipeline_stage_holds_pp_micro_batches():
+    layout = plan.Layout(1, 4, 1, None, False, "none", 1, False)
+    assert [plan.in_flight_passes(layout, s, micro_batches=8) for s in range(4)] == [4, 3, 2, 1]
+    assert plan.in_flight_passes(layout, 0, micro_batches=2) == 2
+    interleaved = dataclasses.replace(layout, virtual_pipeline=2)
+    # megatron's interleaved warm-up: 2(PP-1) + (VP-1)·PP chunk passes, then one more.
+    assert plan.in_flight_passes(interleaved, 0, micro_batches=8) == 2 * 3 + 4 + 1
+
+
+def test_distributed_optimizer_shards_the_optimizer_over_dp():
+    cfg = load_config("configs/cola/llama_1b.yaml")
+    replicated = plan.stage_memory(cfg, plan.Layout(1, 1, 8, None, False, "none", 8, False), 0)
+    sharded = plan.stage_memory(cfg, plan.Layout(1, 1, 8, None, False, "none", 8, True), 0)
+    n = plan.stage_parameters(cfg.model, 1, 1, 0)
+    assert (replicated.weights, replicated.gradients, replicated.optimizer) == (2 * n, 4 * n, 12 * n)
+    assert sharded.optimizer == 12 * n / 8 and sharded.weights == replicated.weights
+
+
+def test_recomputation_trades_memory_for_time():
+    cfg = load_config("configs/cola/llama_7b.yaml")
+    cluster = plan.Cluster(nodes=8)
+    by_mode = {mode: plan.estimate(cfg, plan.Layout(1, 1, 64, None, False, mode, 8, True), cluster)
+               for mode in plan.RECOMPUTE_MODES}
+    assert by_mode["full"].memory.activations < by_mode["cola_m"].memory.activations \
+        < by_mode["none"].memory.activations
+    assert by_mode["none"].compute_s < by_mode["cola_m"].compute_s < by_mode["full"].compute_s
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ranking, the command line and the launch files it renders
+
+
+def _layout_in_sbatch(path):
+    text = open(os.path.join(REPO, path)).read()
+    block = re.search(r"^layout=\(\n(.*?)^\)", text, re.S | re.M).group(1)
+    return re.findall(r'"([^"]+)"', block)
+
+
+def _layout_in_pytorchjob(path):
+    with open(os.path.join(REPO, path)) as f:
+        doc = yaml.safe_load(f)
+    args = doc["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+    return [a for a in args if a.split("=")[0] in PLAN_KEYS]
+
+
+PLAN_KEYS = {o.split("=")[0] for o in plan.Layout(1, 1, 1, None, False, "none", 1, False).overrides()}
+
+
+def test_seven_b_on_8_nodes_of_8_h100_uses_the_recommended_layout():
+    cfg = load_config("configs/cola/llama_7b.yaml")
+    best = plan.rank_layouts(cfg, plan.Cluster(nodes=8, gpus_per_node=8, gpu_memory_gib=80))[0]
+    assert best.fits
+    assert _layout_in_sbatch("launch/slurm/cola_7b.sbatch") == best.layout.overrides()
+    assert _layout_in_pytorchjob("launch/k8s/pytorchjob.yaml") == best.layout.overrides()
+    with open(os.path.join(REPO, "docs", "launching.md")) as f:
+        assert " ".join(best.layout.overrides()) in f.read()
+
+
+@pytest.mark.parametrize("target,args", [
+    ("launch/slurm/cola_7b.sbatch", ["--config", "configs/cola/llama_7b.yaml", "--nodes", "8", "--render-slurm"]),
+    ("launch/k8s/pytorchjob.yaml", ["--config", "configs/cola/llama_7b.yaml", "--nodes", "8", "--render-k8s"]),
+    ("launch/slurm/cola_1b.sbatch", ["--config", "configs/cola/llama_1b.yaml", "--nodes", "1", "--render-slurm"]),
+])
+def test_launch_files_are_rendered_from_the_current_templates(tmp_path, monkeypatch, target, args):
+    """The committed launch files are what cola-plan renders now (re-render with the command in their header)."""
+    monkeypatch.chdir(REPO)
+    out = tmp_path / os.path.basename(target)
+    assert plan.main([*args, str(out), "--top", "1"]) == 0
+    with open(os.path.join(REPO, target)) as f:
+        committed = f.read()
+    rendered = out.read_text().replace(str(out), target)
+    assert rendered == committed, f"{target} is stale: re-render it with the command in its header"
+
+
+def test_cli_json_ranks_fitting_layouts_first(capsys):
+    base = ["--config", "configs/demo.yaml", "--nodes", "1", "--gpus-per-node", "2", "--json", "--top", "1000",
+            "--reserve-gib", "0"]
+    assert plan.main(base) == 0
+    totals = sorted(r["memory_gib"]["total"] for r in json.loads(capsys.readouterr().out))
+    limit = totals[len(totals) // 2]  # a GPU that fits about half of the layouts
+    assert plan.main([*base, "--gpu-memory-gib", str(limit)]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    fits = [r["fits"] for r in ranked]
+    assert fits == sorted(fits, reverse=True) and fits[0] and not fits[-1]
+    assert all(r["memory_gib"]["total"] <= limit for r in ranked if r["fits"])
+    steps = [r["step_s"] for r in ranked if r["fits"]]
+    assert steps == sorted(steps)
+    cfg = load_config("configs/demo.yaml", ranked[0]["overrides"], world_size=2)  # a valid cola-train layout
+    assert cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel <= 2
+
+
+def test_cli_evaluate_prints_the_configs_own_layout(capsys):
+    assert plan.main(["--config", "configs/demo.yaml", "--nodes", "1", "--gpus-per-node", "2", "--evaluate",
+                      "parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "train.micro_batch_size=4",
+                      "train.global_batch_size=16"]) == 0
+    out = capsys.readouterr().out
+    assert "TP2 PP1 DP1 SP none mb4" in out and "1 layouts" in out
+
+
+def test_cli_bad_input_is_one_clear_error(capsys):
+    assert plan.main(["--config", "configs/demo.yaml", "model.hiden_size=3"]) == 2
+    assert "did you mean 'model.hidden_size'" in capsys.readouterr().err
+    # No layout of 3 GPUs divides a global batch of 32.
+    assert plan.main(["--config", "configs/demo.yaml", "--nodes", "3", "--gpus-per-node", "1",
+                      "train.global_batch_size=32", "train.micro_batch_size=4"]) == 1
+    assert "no layout" in capsys.readouterr().err
+    assert plan.main(["--config", "configs/demo.yaml", "--recompute", "some"]) == 2
+
+
+def test_render_repeats_list_lines_and_refuses_unknown_placeholders():
+    text = "a={{A}}\n  - \"{{ITEMS}}\"\nend\n"
+    assert plan.render(text, {"A": 1, "ITEMS": ["x", "y"]}) == 'a=1\n  - "x"\n  - "y"\nend\n'
+    with pytest.raises(KeyError, match="MISSING"):
+        plan.render("{{MISSING}}", {})
+
+
+def test_tools_wrapper_runs():
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "plan.py"), "--config", "configs/demo.yaml",
+                             "--nodes", "1", "--gpus-per-node", "1", "--top", "3"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "best:" in result.stdout
