@@ -23,14 +23,14 @@ def _cfg(save_dir=None, iters=STEPS, load_dir=None, save_interval=0, arch="cola"
     from cola_megatron.config import config_from_dict
 
     checkpoint = {k: extra.pop(k) for k in ("async_save", "keep_last", "load_optimizer") if k in extra}
-    train = {k: extra.pop(k) for k in ("exit_duration_minutes",) if k in extra}
+    train = {"precision": "fp32", **{k: extra.pop(k) for k in ("exit_duration_minutes", "precision") if k in extra}}
     parallel = extra
     model = dict(arch=arch, hidden_size=64, ffn_hidden_size=128, num_layers=4, num_attention_heads=4, rank=16,
                  vocab_size=256, seq_length=32, cola_init_std=0.3)
     return config_from_dict({
         "model": model,
         "parallel": parallel,
-        "train": dict(micro_batch_size=2, global_batch_size=8, train_iters=iters, precision="fp32", eval_iters=0,
+        "train": dict(micro_batch_size=2, global_batch_size=8, train_iters=iters, eval_iters=0,
                       seed=7, **train),
         # A fixed schedule length, so a run stopped at 5 and resumed to 10 follows the same LR curve.
         "optimizer": dict(lr=3e-3, warmup_iters=2, decay_iters=STEPS),
@@ -44,7 +44,7 @@ def _weights(trainer):
     from megatron.core.utils import unwrap_model
 
     # numpy arrays travel back to the test process by value (tensors would be shared-memory handles)
-    return {k: v.detach().cpu().numpy().copy() for chunk in unwrap_model(trainer.model)
+    return {k: v.detach().float().cpu().numpy().copy() for chunk in unwrap_model(trainer.model)
             for k, v in chunk.state_dict().items() if v is not None and hasattr(v, "detach")}
 
 
@@ -78,8 +78,11 @@ def _tp2_pp2_then_other_layouts(root):
     return out
 
 
-def _dp2_distributed_optimizer_async(root):
-    return _straight_vs_resumed(root, dict(use_distributed_optimizer=True, async_save=True))
+def _dp2_cases(root):
+    return {"DP2-distopt-async": _straight_vs_resumed(os.path.join(root, "distopt"),
+                                                      dict(use_distributed_optimizer=True, async_save=True)),
+            # bf16 under Float16Module with megatron's mixed-precision optimizer (fp32 master copies)
+            "DP2-bf16": _straight_vs_resumed(os.path.join(root, "bf16"), dict(precision="bf16"))}
 
 
 def _single_process_cases(root, tp2_pp2_checkpoint):
@@ -119,13 +122,13 @@ def _single_process_cases(root, tp2_pp2_checkpoint):
 def runs(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("ckpt"))
     tp2pp2 = run_distributed(_tp2_pp2_then_other_layouts, 4, os.path.join(root, "tp2pp2"))[0]
-    dp2 = run_distributed(_dp2_distributed_optimizer_async, 2, os.path.join(root, "dp2"))[0]
+    dp2 = run_distributed(_dp2_cases, 2, os.path.join(root, "dp2"))[0]
     single = run_distributed(_single_process_cases, 1, os.path.join(root, "single"),
                              os.path.join(root, "tp2pp2", "run", "iter_0000005"))[0]
-    return {"root": root, "TP2-PP2": tp2pp2, "DP2-distopt-async": dp2, "single": single}
+    return {"root": root, "TP2-PP2": tp2pp2, **dp2, "single": single}
 
 
-@pytest.mark.parametrize("layout", ["TP2-PP2", "DP2-distopt-async"])
+@pytest.mark.parametrize("layout", ["TP2-PP2", "DP2-distopt-async", "DP2-bf16"])
 def test_resume_is_bit_identical(runs, layout):
     r = runs[layout]
     assert len(r["straight"]) == STEPS and r["resumed_at"] == 5
@@ -152,7 +155,7 @@ def test_checkpoint_layout_on_disk(runs):
     cfg = read_checkpoint_config(latest_checkpoint(save_dir))
     assert cfg.parallel.tensor_parallel == 2 and cfg.model.hidden_size == 64
     # The async save committed too (its `latest` moved after the background writers finished).
-    dp2 = os.path.join(runs["root"], "dp2", "run")
+    dp2 = os.path.join(runs["root"], "dp2", "distopt", "run")
     assert open(os.path.join(dp2, "latest")).read().strip() == "iter_0000010"
 
 
