@@ -6,11 +6,13 @@ the reshard inside it spawns the four TP2×PP2 ranks. Checks that need no megatr
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 from tests.distributed import run_distributed
 
@@ -61,20 +63,59 @@ def _initial_state(cfg):
     megatron_io.initialize(cfg)
     (model,) = megatron_io.build_chunks(cfg)
     initialize_parameters([model], cfg.train.seed, cfg.model.init_std)
-    return model, {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    return {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def _megatron_logits(ckpt, cfg, tokens):
+def _train_two_steps(cfg, save_dir):
+    """A real run's checkpoint (model, optimizer, scheduler, RNG, data position) at iteration 2."""
+    from cola_megatron.config import config_from_dict
+    from cola_megatron.train import run
+
+    values = cfg.to_dict()
+    values["train"].update(train_iters=2, micro_batch_size=2, global_batch_size=4, eval_iters=0)
+    values["optimizer"].update(warmup_iters=1)
+    values["checkpoint"].update(save_dir=save_dir, save_interval=2)
+    run(config_from_dict(values), log=False)
+
+
+def _tp1_model(ckpt):
+    from cola_megatron import checkpoint as ckpt_lib
     from cola_megatron.convert import megatron_io
 
-    cfg = megatron_io.unsplit(cfg)
+    ckpt = ckpt_lib.resolve_checkpoint(ckpt)
+    cfg = megatron_io.unsplit(ckpt_lib.read_checkpoint_config(ckpt))
     megatron_io.initialize(cfg)
     (model,) = megatron_io.build_chunks(cfg)
-    megatron_io.load_into([model], megatron_io.resolve_checkpoint(ckpt))
-    model.eval()
+    ckpt_lib.load_model_weights(ckpt, [model])
+    return model.eval()
+
+
+def _megatron_logits(model, tokens):
     positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():
         return model(tokens, positions, None)
+
+
+def _reference_layouts(model):
+    layouts = {}
+    for i, layer in enumerate(model.decoder.layers):
+        for slot in (layer.self_attention.linear_qkv, layer.mlp.linear_fc1):
+            layouts[f"{i}.{type(slot).__name__}"] = [(a.detach().clone(), b.detach().clone())
+                                                    for a, b in slot.reference_layout()]
+    return layouts
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def _plain_tensors(ckpt, prefix):
+    from megatron.core import dist_checkpointing
+
+    from cola_megatron import checkpoint as ckpt_lib
+
+    tensors = dist_checkpointing.load_plain_tensors(ckpt_lib.resolve_checkpoint(ckpt))
+    return {k: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _hf_outputs(export, tokens):
@@ -104,6 +145,9 @@ def _error_of(fn, *args, **kwargs):
 
 
 def _convert_everything(root):
+    from megatron.core import dist_checkpointing
+
+    from cola_megatron import checkpoint as ckpt_lib
     from cola_megatron.convert import cli, megatron_io, names
 
     tokens = torch.tensor(TOKENS)
@@ -113,11 +157,13 @@ def _convert_everything(root):
     for only in (False, True):
         tag = f"only_lr_act={only}"
         cfg = run_config(only, tokenizer if not only else None)
-        model, initial = _initial_state(cfg)
         tp1 = os.path.join(root, f"{tag}/tp1")
-        megatron_io.write_full_state(initial, cfg, tp1, iteration=7)
-        # Written by the ranks of another layout: TP2 x PP2 (the acceptance layout), or PP2 with two virtual stages.
-        layout = ["--tp", "2", "--pp", "2"] if not only else ["--tp", "1", "--pp", "2", "--vp", "2"]
+        if not only:  # a run's checkpoint, resharded with its training state to TP2 x PP2 (the acceptance layout)
+            _train_two_steps(cfg, tp1)
+            layout = ["--tp", "2", "--pp", "2"]
+        else:  # converted weights, resharded weights-only to PP2 with two virtual stages
+            megatron_io.write_full_state(_initial_state(cfg), cfg, tp1)
+            layout = ["--tp", "1", "--pp", "2", "--vp", "2"]
         source = os.path.join(root, f"{tag}/resharded")
         assert cli.main(["reshard", tp1, source] + layout) == 0
         export = os.path.join(root, f"{tag}/hf")
@@ -125,22 +171,23 @@ def _convert_everything(root):
         assert cli.main(argv) == 0
         back = os.path.join(root, f"{tag}/back")
         assert cli.main(["from-hf", export, back]) == 0
-        ckpt = megatron_io.resolve_checkpoint(back)
-        roundtrip = megatron_io.read_full_state(ckpt, megatron_io.read_config(ckpt))
-        reference_layout = {}
-        for i, layer in enumerate(model.decoder.layers):
-            for slot in (layer.self_attention.linear_qkv, layer.mlp.linear_fc1):
-                reference_layout[f"{i}.{type(slot).__name__}"] = [(a.detach().clone(), b.detach().clone())
-                                                                 for a, b in slot.reference_layout()]
+
+        original = _tp1_model(tp1)
+        resharded_ckpt = ckpt_lib.resolve_checkpoint(source)
         results[tag] = {
             "files": sorted(os.listdir(export)),
             "config": json.load(open(os.path.join(export, "config.json"))),
-            "source_files": sorted(os.listdir(megatron_io.resolve_checkpoint(source))),
-            "source_config": megatron_io.read_config(megatron_io.resolve_checkpoint(source)).parallel.__dict__,
-            "initial": initial,
-            "roundtrip": roundtrip,
-            "reference_layout": reference_layout,
-            "megatron_logits": _megatron_logits(source, cfg, tokens),
+            "source_files": sorted(os.listdir(resharded_ckpt)),
+            "source_config": ckpt_lib.read_checkpoint_config(resharded_ckpt).parallel.__dict__,
+            "source_common": {k: v for k, v in dist_checkpointing.load_common_state_dict(resharded_ckpt).items()
+                              if k in ("train_state", "scheduler", "layout", "contents")},
+            "original_common": {k: v for k, v in dist_checkpointing.load_common_state_dict(
+                ckpt_lib.resolve_checkpoint(tp1)).items() if k in ("train_state", "scheduler")},
+            "optimizer": (_plain_tensors(tp1, "optimizer."), _plain_tensors(source, "optimizer.")),
+            "initial": _state(original),
+            "reference_layout": _reference_layouts(original),
+            "roundtrip": _state(_tp1_model(back)),
+            "megatron_logits": _megatron_logits(_tp1_model(source), tokens),
             "hf": _hf_outputs(export, tokens),
             "export_state": _read_export(export),
         }
@@ -158,28 +205,43 @@ def _convert_everything(root):
     config["max_sequence_length"] = config.pop("max_position_embeddings")
     json.dump(config, open(os.path.join(reference_dir, "config.json"), "w"))
     assert cli.main(["from-hf", reference_dir, os.path.join(root, "from-reference")]) == 0
-    ckpt = megatron_io.resolve_checkpoint(os.path.join(root, "from-reference"))
-    results["from_reference"] = megatron_io.read_full_state(ckpt, megatron_io.read_config(ckpt))
+    results["from_reference"] = _state(_tp1_model(os.path.join(root, "from-reference")))
 
-    # from-dense through the command line into a torch_dist checkpoint.
+    # from-dense through the command line into a torch_dist checkpoint, then a run warm-starts from it.
     dense_dir = os.path.join(root, "dense")
     make_dense_llama(dense_dir)
-    assert cli.main(["from-dense", dense_dir, os.path.join(root, "warm"), "--rank", "8"]) == 0
-    ckpt = megatron_io.resolve_checkpoint(os.path.join(root, "warm"))
-    warm_cfg = megatron_io.read_config(ckpt)
-    results["warm"] = (warm_cfg.model.rank, names.megatron_to_reference(
-        megatron_io.read_full_state(ckpt, warm_cfg), warm_cfg.model.num_layers))
+    warm = os.path.join(root, "warm")
+    assert cli.main(["from-dense", dense_dir, warm, "--rank", "8"]) == 0
+    warm_cfg = ckpt_lib.read_checkpoint_config(ckpt_lib.resolve_checkpoint(warm))
+    results["warm"] = (warm_cfg.model.rank, names.megatron_to_reference(_state(_tp1_model(warm)),
+                                                                        warm_cfg.model.num_layers))
+    results["warm_start_losses"] = _warm_start(warm_cfg, warm)
 
-    # A config that does not describe the checkpoint.
-    wrong = os.path.join(root, "wrong_rank.yaml")
-    with open(wrong, "w") as f:
-        json.dump({"model": dict(MODEL, rank=8), "data": {"mock": True}}, f)
-    results["mismatch"] = _error_of(cli.to_hf, cli.build_parser().parse_args(
-        ["to-hf", os.path.join(root, "only_lr_act=True/tp1"), os.path.join(root, "x"), "--config", wrong]))
+    # A checkpoint whose config does not describe its weights.
+    broken = os.path.join(root, "broken", "iter_0000000")
+    shutil.copytree(ckpt_lib.resolve_checkpoint(os.path.join(root, "only_lr_act=True/tp1")), broken)
+    with open(os.path.join(broken, ckpt_lib.CONFIG_FILE)) as f:
+        values = yaml.safe_load(f)
+    values["model"]["rank"] = 8
+    with open(os.path.join(broken, ckpt_lib.CONFIG_FILE), "w") as f:
+        yaml.safe_dump(values, f)
+    results["mismatch"] = _error_of(cli.to_hf, cli.build_parser().parse_args(["to-hf", broken, root + "/x"]))
     # Through a file: tensors passed through the result queue live in shared memory that dies with this process.
     path = os.path.join(root, "results.pt")
     torch.save(results, path)
     return path
+
+
+def _warm_start(cfg, load_dir):
+    """cola-train continues from converted weights: fresh optimizer, schedule from the start."""
+    from cola_megatron.config import config_from_dict
+    from cola_megatron.train import run
+
+    values = cfg.to_dict()
+    values["train"].update(train_iters=2, micro_batch_size=2, global_batch_size=2, eval_iters=0, precision="fp32")
+    values["optimizer"].update(warmup_iters=0)
+    values["checkpoint"].update(load_dir=load_dir, load_optimizer=False, save_dir=None)
+    return run(config_from_dict(values), log=False).history
 
 
 def _read_export(export):
@@ -212,7 +274,7 @@ def converted(tmp_path_factory):
 @pytest.mark.parametrize("tag,layout,writers", [("only_lr_act=False", (2, 2, None), 4),
                                                  ("only_lr_act=True", (1, 2, 2), 2)])
 def test_resharded_to_hf_to_tp1_is_bit_identical(converted, tag, layout, writers):
-    """TP2 x PP2 (and PP2 x VP2) → Hugging Face → TP1: every tensor is the one the run started from."""
+    """TP2 x PP2 (and PP2 x VP2) → Hugging Face → TP1: every tensor is the one the TP1 checkpoint holds."""
     result = converted[tag]
     parallel = result["source_config"]
     assert (parallel["tensor_parallel"], parallel["pipeline_parallel"], parallel["virtual_pipeline"]) == layout
@@ -222,6 +284,29 @@ def test_resharded_to_hf_to_tp1_is_bit_identical(converted, tag, layout, writers
     assert set(roundtrip) == set(initial)
     for name, tensor in initial.items():
         assert roundtrip[name].dtype == tensor.dtype and torch.equal(roundtrip[name], tensor), name
+
+
+def test_reshard_keeps_a_runs_training_state(converted):
+    result = converted["only_lr_act=False"]
+    common, original = result["source_common"], result["original_common"]
+    assert common["train_state"] == original["train_state"] and common["train_state"]["iteration"] == 2
+    assert common["scheduler"]["num_steps"] == original["scheduler"]["num_steps"] > 0
+    assert common["layout"] == {"tp": 2, "pp": 2, "dp": 1, "vp": 1}
+    before, after = result["optimizer"]
+    assert before and set(after) == set(before)
+    for key, tensor in before.items():
+        assert torch.equal(after[key], tensor), key
+
+
+def test_reshard_keeps_converted_weights_weights_only(converted):
+    result = converted["only_lr_act=True"]
+    assert result["source_common"]["contents"] == "weights" and result["source_common"]["train_state"]["iteration"] == 0
+    assert result["optimizer"] == ({}, {})
+
+
+def test_a_run_warm_starts_from_converted_weights(converted):
+    losses = converted["warm_start_losses"]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
 def test_export_has_reference_names_shapes_and_files(converted):
@@ -300,7 +385,7 @@ def test_from_dense_cli_writes_the_svd_factors(converted, tmp_path):
 
 def test_config_that_does_not_describe_the_checkpoint_is_refused(converted):
     message = converted["mismatch"]
-    assert message and "does not hold the model" in message and "--config" in message
+    assert message and "does not hold the model its cola_config.yaml describes" in message
     assert "linear_fc2.b_weight: checkpoint (4, 1, 64, 16), config (4, 1, 64, 8)" in message
 
 
@@ -369,7 +454,7 @@ def _cli(capsys, *argv):
 
 def test_not_a_checkpoint(tmp_path, capsys):
     code, err = _cli(capsys, "to-hf", str(tmp_path), str(tmp_path / "out"))
-    assert code == 2 and "is not a megatron torch_dist checkpoint" in err and "save_dir" in err
+    assert code == 2 and "holds no checkpoint" in err and "save_dir" in err
     (tmp_path / "latest").write_text("iter_0000009\n")
     code, err = _cli(capsys, "reshard", str(tmp_path), str(tmp_path / "out"), "--tp", "2", "--pp", "1")
     assert code == 2 and "not a complete checkpoint" in err

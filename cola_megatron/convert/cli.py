@@ -2,12 +2,15 @@
 
     cola-convert to-hf      CKPT OUT       megatron torch_dist (any TP/PP) → Hugging Face directory
     cola-convert from-hf    HF_DIR OUT     Hugging Face CoLA (ours or the reference's) → torch_dist
-    cola-convert reshard    CKPT OUT --tensor-parallel N --pipeline-parallel M
+    cola-convert reshard    CKPT OUT --tp N --pp M [--vp V]          the same checkpoint at another layout
     cola-convert from-dense LLAMA_DIR OUT --rank R    dense LLaMA → CoLA by truncated SVD (warm start)
 
 CKPT is a run's ``checkpoint.save_dir`` (its ``latest`` is followed) or one ``iter_NNNNNNN`` directory. torch_dist
-outputs are ``OUT/iter_NNNNNNN`` plus ``OUT/latest`` and load at any layout. Bad input fails before heavy work
-with exit code 2 and one message naming the fix.
+outputs are ``OUT/iter_NNNNNNN`` plus ``OUT/latest`` and load at any layout. ``reshard`` keeps a run's whole training
+state; ``from-hf`` and ``from-dense`` write weights only, which a run continues from with
+``checkpoint.load_dir=OUT checkpoint.load_optimizer=false``. Exports load with
+``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` (and ``AutoTokenizer`` likewise).
+Bad input fails before heavy work with exit code 2 and one message naming the fix.
 """
 
 from __future__ import annotations
@@ -19,18 +22,18 @@ import sys
 import warnings
 from typing import Optional, Sequence
 
+from cola_megatron.config import ConfigError
 from cola_megatron.convert.errors import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cola-convert", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="cola-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("to-hf", help="torch_dist checkpoint → Hugging Face directory")
     p.add_argument("checkpoint", help="run save_dir or iter_NNNNNNN directory")
     p.add_argument("output", help="new Hugging Face directory")
-    p.add_argument("--config", help="run YAML, when the checkpoint has no cola_config.yaml")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", help="tokenizer.json to ship (default: the run's data.tokenizer)")
     tok.add_argument("--no-tokenizer", action="store_true", help="export without a tokenizer")
@@ -41,16 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir")
     p.add_argument("output", help="new checkpoint save_dir")
     p.add_argument("--config", help="run YAML whose non-model sections to record (model comes from config.json)")
-    p.add_argument("--iteration", type=int, default=0, help="iteration number of the written checkpoint")
 
     p = sub.add_parser("reshard", help="torch_dist → torch_dist written by the ranks of another TP/PP layout")
     p.add_argument("checkpoint")
     p.add_argument("output", help="new checkpoint save_dir")
-    p.add_argument("--tensor-parallel", "--tp", type=int, required=True)
-    p.add_argument("--pipeline-parallel", "--pp", type=int, required=True)
+    p.add_argument("--tensor-parallel", "--tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel", "--pp", type=int, default=1)
     p.add_argument("--virtual-pipeline", "--vp", type=int)
     p.add_argument("--cola-tp-scheme", choices=["bottleneck", "pair"])
-    p.add_argument("--config", help="run YAML, when the checkpoint has no cola_config.yaml")
 
     p = sub.add_parser("from-dense", help="dense LLaMA (Hugging Face) → CoLA by truncated SVD, for warm starts")
     p.add_argument("hf_dir")
@@ -68,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def to_hf(args) -> None:
+    from cola_megatron import checkpoint as ckpt_lib
     from cola_megatron.convert import hf_io, megatron_io, names
 
-    ckpt = megatron_io.resolve_checkpoint(args.checkpoint)
-    cfg = megatron_io.read_config(ckpt, args.config)
+    ckpt = ckpt_lib.resolve_checkpoint(args.checkpoint)
+    cfg = ckpt_lib.read_checkpoint_config(ckpt)
     tokenizer = None if args.no_tokenizer else (args.tokenizer or cfg.data.tokenizer)
     if tokenizer and not os.path.isfile(tokenizer):
         raise ConversionError(f"the tokenizer {tokenizer} is not found: pass --tokenizer PATH (the run's "
@@ -79,7 +81,7 @@ def to_hf(args) -> None:
     special = hf_io.tokenizer_special_ids(tokenizer, cfg.model.vocab_size) if tokenizer else None
     fields = names.hf_config_fields(cfg.model, special)
     megatron_io.require_new_output(args.output)
-    state = megatron_io.read_full_state(ckpt, cfg, args.config or megatron_io.CONFIG_FILE)
+    state = megatron_io.read_full_state(ckpt, cfg)
     reference = names.megatron_to_reference(state, cfg.model.num_layers)
     hf_io.write_export(args.output, reference, fields, tokenizer, args.max_shard_size, args.dtype)
     print(f"wrote {args.output} from {ckpt}")
@@ -127,7 +129,7 @@ def from_hf(args) -> None:
     if tokenizer:
         cfg = _run_config(section, args.config, tokenizer)
     state = names.reference_to_megatron(reference, cfg.model.num_layers)
-    ckpt = megatron_io.write_full_state(state, cfg, args.output, args.iteration)
+    ckpt = megatron_io.write_full_state(state, cfg, args.output)
     print(f"wrote {ckpt} from {args.hf_dir}")
 
 
@@ -135,7 +137,7 @@ def reshard(args) -> None:
     from cola_megatron.convert.reshard import reshard as run_reshard
 
     ckpt = run_reshard(args.checkpoint, args.output, args.tensor_parallel, args.pipeline_parallel,
-                       args.virtual_pipeline, args.cola_tp_scheme, args.config)
+                       args.virtual_pipeline, args.cola_tp_scheme)
     print(f"wrote {ckpt} at TP={args.tensor_parallel} PP={args.pipeline_parallel}")
 
 
@@ -186,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope).*")
     try:
         COMMANDS[args.command](args)
-    except ConversionError as e:
+    except (ConversionError, ConfigError) as e:  # ConfigError covers the checkpoint module's CheckpointError
         print(f"cola-convert {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:

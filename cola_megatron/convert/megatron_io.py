@@ -1,13 +1,11 @@
-"""Reading and writing megatron ``torch_dist`` checkpoints for conversion.
+"""Reading and writing megatron ``torch_dist`` checkpoints for conversion, on top of :mod:`cola_megatron.checkpoint`.
 
-A checkpoint is ``save_dir/iter_NNNNNNN/``: a megatron dist-checkpointing directory whose tensors carry megatron's
-global keys (layers stacked along a leading axis), plus ``cola_config.yaml`` with the run's config; ``save_dir/latest``
-names the newest complete one. Because the keys are global, building a model of *any* layout and asking
-dist-checkpointing for its sharded state dict loads the right slices; conversion reads at TP=1/PP=1 in one process
-and gets the unsplit tensors.
+A checkpoint's tensors carry megatron's global keys, so building a model of *any* layout and loading its sharded
+state dict gets the right slices; conversion reads at TP=1/PP=1 in one process and so gets the unsplit tensors.
 
-Conversion writes model weights only (no optimizer, scheduler or RNG state): a run continuing from a converted
-checkpoint starts a fresh optimizer (``checkpoint.load_optimizer=false``).
+Converted weights (from Hugging Face or a dense model) are written as a *weights-only* checkpoint: the model, the
+run config, and a train state at iteration 0, but no optimizer, scheduler or RNG state. ``cola-train`` continues from
+one with ``checkpoint.load_dir=DIR checkpoint.load_optimizer=false`` (fresh optimizer, schedule from the start).
 """
 
 from __future__ import annotations
@@ -17,64 +15,13 @@ import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import yaml
 
+from cola_megatron import checkpoint as ckpt_lib
 from cola_megatron.config import Config, ConfigError, config_from_dict
 from cola_megatron.convert.errors import ConversionError
 
-CONFIG_FILE = "cola_config.yaml"
-LATEST_FILE = "latest"
-DIST_METADATA_FILE = "metadata.json"  # written by megatron dist-checkpointing into every checkpoint directory
-
-
-def iteration_dir_name(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
-
-def _is_dist_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, DIST_METADATA_FILE))
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A run's ``save_dir`` (follows ``latest``) or one ``iter_NNNNNNN`` directory → the checkpoint directory."""
-    if not os.path.isdir(path):
-        raise ConversionError(f"{path} does not exist or is not a directory: pass a run's checkpoint.save_dir or "
-                              "one of its iter_NNNNNNN directories")
-    latest = os.path.join(path, LATEST_FILE)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            name = f.read().strip()
-        target = os.path.join(path, name)
-        if not _is_dist_checkpoint(target):
-            raise ConversionError(f"{latest} names {name!r}, which is not a complete checkpoint; pass one of the "
-                                  f"iter_NNNNNNN directories in {path} explicitly")
-        return target
-    if _is_dist_checkpoint(path):
-        return path
-    raise ConversionError(f"{path} is not a megatron torch_dist checkpoint (no {DIST_METADATA_FILE}) and holds no "
-                          f"'{LATEST_FILE}' file: pass a run's checkpoint.save_dir or an iter_NNNNNNN directory in it")
-
-
-def iteration_of(ckpt_dir: str) -> int:
-    name = os.path.basename(os.path.normpath(ckpt_dir))
-    try:
-        return int(name.split("_", 1)[1]) if name.startswith("iter_") else 0
-    except ValueError:
-        return 0
-
-
-def read_config(ckpt_dir: str, config_path: Optional[str] = None) -> Config:
-    """The run config stored with a checkpoint (or the YAML given instead)."""
-    path = config_path or os.path.join(ckpt_dir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ConversionError(f"{ckpt_dir} holds no {CONFIG_FILE}: pass --config with the YAML the run was trained "
-                              "with")
-    try:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        return config_from_dict(values)
-    except (ConfigError, yaml.YAMLError) as e:
-        raise ConversionError(f"{path} is not a usable run config: {e}") from None
+WEIGHTS_ONLY = "weights"
+"""``contents`` entry of a weights-only checkpoint's common state (training checkpoints have none)."""
 
 
 def with_layout(cfg: Config, tensor_parallel: int = 1, pipeline_parallel: int = 1,
@@ -94,6 +41,17 @@ def with_layout(cfg: Config, tensor_parallel: int = 1, pipeline_parallel: int = 
     except ConfigError as e:
         raise ConversionError(f"the model cannot be laid out at TP={tensor_parallel} PP={pipeline_parallel}"
                               f"{f' VP={virtual_pipeline}' if virtual_pipeline else ''}: {e}") from None
+
+
+def unsplit(cfg: Config) -> Config:
+    """``cfg`` at TP=1, PP=1: one process holds every tensor whole."""
+    return with_layout(cfg, 1, 1, None)
+
+
+def require_new_output(path: str) -> None:
+    """Conversions never write into an existing checkpoint or export: nothing already saved may be lost."""
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise ConversionError(f"output {path} already exists and is not empty: choose a new directory")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -126,101 +84,91 @@ def build_chunks(cfg: Config) -> List[torch.nn.Module]:
     return chunks
 
 
-def sharded_model_state(chunks: Sequence[torch.nn.Module]) -> Dict[str, dict]:
-    """The checkpoint's model entries: ``model``, or ``model0``, ``model1`` … with virtual pipelining."""
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
-
-
-def check_checkpoint_matches(chunks: Sequence[torch.nn.Module], ckpt_dir: str, config_source: str) -> None:
-    """Every tensor these chunks need is in the checkpoint with the same global shape, else one clear error."""
+def check_checkpoint_matches(chunks: Sequence[torch.nn.Module], ckpt_dir: str) -> None:
+    """Every tensor these chunks need is in the checkpoint with the same global shape, else one clear error
+    (before megatron reads any data)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     stored = dist_checkpointing.load_tensors_metadata(ckpt_dir)
-    problems = []
-    for entries in sharded_model_state(chunks).values():
+    problems = set()
+    for entries in ckpt_lib.model_sharded_state_dict(chunks).values():
         for entry in entries.values():
             if not isinstance(entry, ShardedTensor):
                 continue
             have = stored.get(entry.key)
             if have is None:
-                problems.append(f"{entry.key} is missing")
+                problems.add(f"{entry.key} is missing")
             elif tuple(have.global_shape) != tuple(entry.global_shape):
-                problems.append(f"{entry.key}: checkpoint {tuple(have.global_shape)}, config "
-                                f"{tuple(entry.global_shape)}")
+                problems.add(f"{entry.key}: checkpoint {tuple(have.global_shape)}, config {tuple(entry.global_shape)}")
     if problems:
-        unique = sorted(set(problems))
+        listed = sorted(problems)
         raise ConversionError(
-            f"{ckpt_dir} does not hold the model {config_source} describes ({len(unique)} problems, e.g. "
-            f"{unique[:4]}): model.num_layers, hidden_size, ffn_hidden_size, rank or vocab_size differ. Convert with the "
-            "config the checkpoint was trained with (--config)."
+            f"{ckpt_dir} does not hold the model its {ckpt_lib.CONFIG_FILE} describes ({len(listed)} problems, e.g. "
+            f"{listed[:4]}): model.num_layers, hidden_size, ffn_hidden_size, rank or vocab_size differ from the "
+            f"weights. Restore the {ckpt_lib.CONFIG_FILE} the run saved."
         )
 
 
-def load_into(chunks: Sequence[torch.nn.Module], ckpt_dir: str) -> None:
-    """Fill this rank's chunks from a checkpoint of any layout."""
+def is_weights_only(ckpt_dir: str) -> bool:
+    """True for checkpoints without training state (written by conversion), False for a run's checkpoints."""
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load(sharded_model_state(chunks), ckpt_dir)
-    for chunk, key in zip(chunks, sharded_model_state_keys(len(chunks))):
-        chunk.load_state_dict(loaded[key], strict=True)
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    return common.get("contents") == WEIGHTS_ONLY or "optimizer" not in common
 
 
-def sharded_model_state_keys(num_chunks: int) -> List[str]:
-    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+def save_weights(chunks: Sequence[torch.nn.Module], cfg: Config, save_dir: str,
+                 train_state: Optional[dict] = None) -> str:
+    """Write this rank's chunks as a weights-only checkpoint ``save_dir/iter_NNNNNNN`` (every rank calls it).
 
-
-def save_from(chunks: Sequence[torch.nn.Module], cfg: Config, save_dir: str, iteration: int) -> str:
-    """Write this rank's chunks as ``save_dir/iter_NNNNNNN`` (all ranks call it), then the config and ``latest``."""
+    The common entries are those ``Checkpointer.resume`` reads, for a run that starts from these weights: the
+    train state (iteration 0 unless given), the schedule at its start, and no layout, so that no RNG state is
+    expected; ``contents`` marks the missing optimizer state.
+    """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    ckpt_dir = os.path.join(save_dir, iteration_dir_name(iteration))
+    train_state = dict(train_state or {"iteration": 0, "consumed_samples": 0, "skipped_steps": 0, "extra": {}})
+    name = ckpt_lib.checkpoint_name(train_state["iteration"])
+    ckpt_dir = os.path.join(save_dir, name)
     if dist.get_rank() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(sharded_model_state(chunks), ckpt_dir)
-    dist.barrier()
+    sharded = ckpt_lib.model_sharded_state_dict(chunks)
+    sharded.update(
+        contents=WEIGHTS_ONLY,
+        train_state=train_state,
+        scheduler={"num_steps": 0},
+        config=cfg.to_dict(),
+        layout=None,
+        format_version=ckpt_lib.FORMAT_VERSION,
+    )
+    dist_checkpointing.save(sharded, ckpt_dir)
+    dist.barrier()  # every rank's files are written before the checkpoint is declared complete
     if dist.get_rank() == 0:
-        with open(os.path.join(ckpt_dir, CONFIG_FILE), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-        tmp = os.path.join(save_dir, LATEST_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(iteration_dir_name(iteration) + "\n")
-        os.replace(tmp, os.path.join(save_dir, LATEST_FILE))
+        ckpt_lib._write_config(ckpt_dir, cfg)
+        ckpt_lib._write_latest(save_dir, name)
     dist.barrier()
     return ckpt_dir
-
-
-def require_new_output(path: str) -> None:
-    """Conversions never write into an existing checkpoint: nothing already saved may be lost."""
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-        raise ConversionError(f"output {path} already exists and is not empty: choose a new directory")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The unsplit model in this process
 
 
-def unsplit(cfg: Config) -> Config:
-    """``cfg`` at TP=1, PP=1: one process holds every tensor whole."""
-    return with_layout(cfg, 1, 1, None)
-
-
-def read_full_state(ckpt_dir: str, cfg: Config, config_source: str = CONFIG_FILE) -> Dict[str, torch.Tensor]:
+def read_full_state(ckpt_dir: str, cfg: Config) -> Dict[str, torch.Tensor]:
     """Every model tensor of a checkpoint of any layout, unsplit, by its TP=1 state-dict name."""
     cfg = unsplit(cfg)
     initialize(cfg)
     (model,) = build_chunks(cfg)
-    check_checkpoint_matches([model], ckpt_dir, config_source)
-    load_into([model], ckpt_dir)
+    check_checkpoint_matches([model], ckpt_dir)
+    ckpt_lib.load_model_weights(ckpt_dir, [model])
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def write_full_state(state: Dict[str, torch.Tensor], cfg: Config, save_dir: str, iteration: int = 0) -> str:
-    """Write unsplit tensors as a checkpoint from this one process (loadable at any layout)."""
+def write_full_state(state: Dict[str, torch.Tensor], cfg: Config, save_dir: str) -> str:
+    """Write unsplit tensors as a weights-only checkpoint from this one process (loadable at any layout)."""
     cfg = unsplit(cfg)
     initialize(cfg)
     (model,) = build_chunks(cfg)
@@ -235,4 +183,4 @@ def write_full_state(state: Dict[str, torch.Tensor], cfg: Config, save_dir: str,
         for name, param in model.state_dict().items():
             if name in state:
                 param.copy_(state[name])
-    return save_from([model], cfg, save_dir, iteration)
+    return save_weights([model], cfg, save_dir)

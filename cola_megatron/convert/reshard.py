@@ -2,23 +2,27 @@
 
 Every torch_dist checkpoint already loads at any layout, so why rewrite it? Because of how it is written: each
 process stores the slices it owns, so a checkpoint written by the target layout's ranks has one file per target rank
-holding exactly the slices that rank reads back, and every writer holds only 1/(TP·PP) of the model (a 7B model
-resharded to TP=8 never needs 11 GB in one process). The ranks are spawned here with gloo (or are the processes of
-a ``torchrun --nproc-per-node TP*PP`` launch); each builds its chunks of the target layout, loads them from the
-source checkpoint by global keys, and saves them.
+holding exactly the slices that rank reads back, every writer holds only 1/(TP·PP) of the model (a 7B model
+resharded to TP=8 never needs its 11 GB of fp32 weights in one process), and the RNG states saved are those of the
+target layout's ranks, which a resume at that layout restores. The ranks are spawned here with gloo (or are the
+processes of a ``torchrun --nproc-per-node TP*PP`` launch).
 
-Only model weights are carried over; the optimizer state of a checkpoint saved with the distributed optimizer's
-``fully_reshardable`` format already loads at another layout by itself.
+A run's checkpoint keeps its whole training state: each rank builds the trainer of the target layout (model,
+optimizer, scheduler), resumes it from the source with :class:`cola_megatron.checkpoint.Checkpointer` and saves it
+again, so the run continues at the new layout where it stopped. A weights-only checkpoint (written by conversion)
+stays weights-only.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import traceback
 from typing import Optional
 
-from cola_megatron.config import Config
+from cola_megatron import checkpoint as ckpt_lib
+from cola_megatron.config import Config, ConfigError, config_from_dict
 from cola_megatron.convert import megatron_io
 from cola_megatron.convert.errors import ConversionError
 
@@ -29,21 +33,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_rank(cfg: Config, source: str, save_dir: str, iteration: int) -> None:
-    """This process's part: build its chunks of ``cfg``'s layout, load them from ``source``, save them."""
-    megatron_io.initialize(cfg)
+def _with_checkpoint_dirs(cfg: Config, load_dir: Optional[str], save_dir: Optional[str]) -> Config:
+    values = copy.deepcopy(cfg.to_dict())
+    values["checkpoint"].update(load_dir=load_dir, save_dir=save_dir, async_save=False, save_interval=0)
+    return config_from_dict(values)
+
+
+def _reshard_training_state(cfg: Config, source: str, save_dir: str) -> None:
+    """Model, optimizer, scheduler and data position through the trainer of the target layout."""
+    import torch
+
+    from cola_megatron.trainer import Trainer
+
+    load_cfg = _with_checkpoint_dirs(cfg, source, None)
+    trainer = Trainer(load_cfg, torch.device("cpu"), log=False)
+    ckpt_lib.Checkpointer(load_cfg).resume(trainer)
+    ckpt_lib.Checkpointer(_with_checkpoint_dirs(cfg, None, save_dir)).save(trainer)
+
+
+def _reshard_weights(cfg: Config, source: str, save_dir: str) -> None:
+    from megatron.core import dist_checkpointing
+
     chunks = megatron_io.build_chunks(cfg)
-    megatron_io.check_checkpoint_matches(chunks, source, megatron_io.CONFIG_FILE)
-    megatron_io.load_into(chunks, source)
-    megatron_io.save_from(chunks, cfg, save_dir, iteration)
+    megatron_io.check_checkpoint_matches(chunks, source)
+    ckpt_lib.load_model_weights(source, chunks)
+    train_state = dist_checkpointing.load_common_state_dict(source).get("train_state")
+    megatron_io.save_weights(chunks, cfg, save_dir, train_state)
+
+
+def write_rank(cfg: Config, source: str, save_dir: str) -> None:
+    """This process's part of writing ``source`` again at ``cfg``'s layout."""
+    megatron_io.initialize(cfg)
+    if megatron_io.is_weights_only(source):
+        _reshard_weights(cfg, source, save_dir)
+    else:
+        _reshard_training_state(cfg, source, save_dir)
 
 
 def _spawned_rank(rank: int, world_size: int, port: int, errors, args) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # the ranks share this machine's cores
     try:
         write_rank(*args)
-    except ConversionError as e:
+    except (ConversionError, ConfigError) as e:
         errors.put(str(e))
         raise
     except BaseException:
@@ -57,7 +92,7 @@ def _spawned_rank(rank: int, world_size: int, port: int, errors, args) -> None:
 
 def run_ranks(world_size: int, *args) -> None:
     """``write_rank(*args)`` on ``world_size`` processes: this one when torchrun launched exactly that many, else
-    spawned gloo processes on this machine. A rank's ConversionError is re-raised here."""
+    spawned gloo processes on this machine. A rank's error for bad input is re-raised here."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched == world_size and world_size > 1:
         write_rank(*args)
@@ -75,13 +110,11 @@ def run_ranks(world_size: int, *args) -> None:
 
 
 def reshard(source: str, save_dir: str, tensor_parallel: int, pipeline_parallel: int,
-            virtual_pipeline: Optional[int] = None, cola_tp_scheme: Optional[str] = None,
-            config_path: Optional[str] = None) -> str:
+            virtual_pipeline: Optional[int] = None, cola_tp_scheme: Optional[str] = None) -> str:
     """``source`` (save_dir or iter dir) → ``save_dir/iter_N`` written at the new layout; returns that directory."""
-    ckpt = megatron_io.resolve_checkpoint(source)
-    cfg = megatron_io.read_config(ckpt, config_path)
+    ckpt = ckpt_lib.resolve_checkpoint(source)
+    cfg = ckpt_lib.read_checkpoint_config(ckpt)
     target = megatron_io.with_layout(cfg, tensor_parallel, pipeline_parallel, virtual_pipeline, cola_tp_scheme)
     megatron_io.require_new_output(save_dir)
-    iteration = megatron_io.iteration_of(ckpt)
-    run_ranks(tensor_parallel * pipeline_parallel, target, ckpt, os.path.abspath(save_dir), iteration)
-    return os.path.join(save_dir, megatron_io.iteration_dir_name(iteration))
+    run_ranks(tensor_parallel * pipeline_parallel, target, os.path.abspath(ckpt), os.path.abspath(save_dir))
+    return ckpt_lib.resolve_checkpoint(save_dir)
