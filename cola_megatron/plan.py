@@ -1,7 +1,7 @@
 """``cola-plan``: choose a parallel layout for a config and a cluster from predicted memory and communication.
 
     cola-plan --config configs/cola/llama_7b.yaml --nodes 8 --gpus-per-node 8 --gpu-memory-gib 80
-    cola-plan --config configs/demo.yaml --evaluate parallel.tensor_parallel=2 --nodes 1 --gpus-per-node 2
+    cola-plan --config configs/demo.yaml --nodes 1 --gpus-per-node 2 --evaluate parallel.tensor_parallel=2
 
 For every layout (TP, PP, DP, VP, SP, recompute, micro-batch) the config allows on the cluster, it predicts the
 per-GPU memory of the fullest pipeline stage and the per-step communication, estimates the step time and ranks
@@ -356,6 +356,7 @@ def micro_batches_per_step(cfg: Config, layout: Layout) -> int:
 
 
 def stage_memory(cfg: Config, layout: Layout, stage: int, device: str = "cuda", reserve_gib: float = 0.0) -> Memory:
+    """Predicted memory of one GPU of pipeline stage ``stage``; ``device='cpu'`` predicts CPU runs (tests)."""
     m = cfg.model
     tp, pp, sp_on = layout.tensor_parallel, layout.pipeline_parallel, layout.sequence_parallel
     sp = tp if sp_on else 1
@@ -579,9 +580,15 @@ def candidate_layouts(cfg: Config, cluster: Cluster, recompute_modes: Sequence[s
 
 
 def rank_layouts(cfg: Config, cluster: Cluster, device: str = "cuda", **candidates) -> List[Estimate]:
-    """All candidate layouts, those that fit first, each group fastest first (then the least memory)."""
+    """All candidate layouts: those that fit fastest first, then the others by memory (least first)."""
     estimates = [estimate(cfg, layout, cluster, device) for layout in candidate_layouts(cfg, cluster, **candidates)]
-    return sorted(estimates, key=lambda e: (not e.fits, round(e.step_s, 6), e.memory.total, e.layout.label()))
+
+    def key(e: Estimate):
+        if e.fits:
+            return (0, round(e.step_s, 6), e.memory.total, e.layout.label())
+        return (1, e.memory.total, e.step_s, e.layout.label())
+
+    return sorted(estimates, key=key)
 
 
 # --------------------------------------------------------------------------------------------------------------

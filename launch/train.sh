@@ -28,9 +28,11 @@ die() {
     exit 2
 }
 
-if [[ $# -lt 1 || "$1" == "-h" || "$1" == "--help" ]]; then
+if [[ $# -ge 1 && ( "$1" == "-h" || "$1" == "--help" ) ]]; then
     usage
-    [[ $# -ge 1 ]] && exit 0
+    exit 0
+elif [[ $# -lt 1 ]]; then
+    usage >&2
     exit 2
 fi
 CONFIG=$1
@@ -142,7 +144,9 @@ sys.exit(0 if "signals_to_handle" in {f.name for f in dataclasses.fields(LaunchC
     torchrun_args+=(--signals-to-handle "SIGHUP,SIGQUIT")
 fi
 
-echo "launch/train.sh: node $NODE_RANK of $NNODES, $NPROC_PER_NODE processes, config $CONFIG, logs in $LOG_DIR/" >&2
+node="node $NODE_RANK of $NNODES"
+[[ -n "${RDZV_ENDPOINT:-}" ]] && node="$NNODES nodes, rendezvous at $RDZV_ENDPOINT"
+echo "launch/train.sh: $node, $NPROC_PER_NODE processes, config $CONFIG, logs in $LOG_DIR/" >&2
 
 # torchrun runs in the background with SIGTERM and SIGINT ignored (inherited by it, reset by the trainer), so a
 # signal to this script or to the whole job reaches the workers and only them.
