@@ -214,12 +214,11 @@ def read_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], Dict[str, torc
     """config.json and the reference-named tensors of a CoLA Hugging Face directory, checked against each other
     before any tensor is read."""
     _require_transformers()
+    from cola_megatron.convert.names import model_section_from_hf
     from cola_megatron.hf.configuration_cola import ColaConfig
     from cola_megatron.hf.modeling_cola import expected_parameter_shapes
 
     raw = read_config_json(model_dir, "cola")
-    from cola_megatron.convert.names import model_section_from_hf
-
     model_section_from_hf(raw)  # field checks with conversion-specific messages
     fields = {k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")}
     try:
