@@ -138,7 +138,8 @@ if [[ -n "${RDZV_ENDPOINT:-}" ]]; then
 else
     torchrun_args+=(--node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
 fi
-# torchrun >= 2.9 can leave SIGTERM to the workers; older versions forward it and kill them after 30 s.
+# A torchrun with --signals-to-handle (recent PyTorch) leaves SIGTERM to the workers; older ones forward it and kill
+# the workers 30 s later.
 if "$PYTHON" -c 'import sys, dataclasses; from torch.distributed.launcher.api import LaunchConfig
 sys.exit(0 if "signals_to_handle" in {f.name for f in dataclasses.fields(LaunchConfig)} else 1)' 2>/dev/null; then
     torchrun_args+=(--signals-to-handle "SIGHUP,SIGQUIT")
