@@ -342,11 +342,20 @@ class Checkpointer:
         self.resume_path = self._find_resume_checkpoint()
         self.saved_config = check_same_model(self.resume_path, cfg) if self.resume_path else None
         if self.saved_config is not None and c.load_optimizer:
+            self._check_has_optimizer_state()
             self._check_same_optimizer_kind()
         self.resumed_iteration: Optional[int] = None
         self.last_saved_iteration: Optional[int] = None
         self._async_queue = None
         self._saves = 0
+
+    def _check_has_optimizer_state(self) -> None:
+        """Weights-only checkpoints (e.g. converted from Hugging Face) have no optimizer entry."""
+        from megatron.core import dist_checkpointing
+
+        if "optimizer" not in dist_checkpointing.load_common_state_dict(self.resume_path):
+            raise CheckpointError(f"{self.resume_path} holds model weights only, no optimizer state. Fix: set "
+                                  "checkpoint.load_optimizer=false to start training from these weights")
 
     def _check_same_optimizer_kind(self) -> None:
         """The distributed optimizer, megatron's mixed-precision optimizer (fp32 master copies) and its fp32

@@ -104,6 +104,8 @@ def _single_process_cases(root, tp2_pp2_checkpoint):
     out["load_model_weights"] = expected.keys() == got.keys() and all(
         np.array_equal(v, got[k]) for k, v in expected.items())
 
+    out["weights_only"] = _weights_only_refusal(root, fresh)
+
     nan_dir = os.path.join(root, "nan")
     trainer = _train(_cfg(nan_dir, iters=STEPS, exit_duration_minutes=1e-6))
     out["time_limit_history"] = len(trainer.history)
@@ -116,6 +118,27 @@ def _single_process_cases(root, tp2_pp2_checkpoint):
         out["nan"] = e.message
     out["nan_dir"] = sorted(os.listdir(nan_dir))
     return out
+
+
+def _weights_only_refusal(root, trainer):
+    """A checkpoint with model weights only (as conversion writes) needs checkpoint.load_optimizer=false."""
+    from megatron.core import dist_checkpointing
+
+    from cola_megatron.checkpoint import (CheckpointError, Checkpointer, _write_config, checkpoint_name,
+                                          model_sharded_state_dict)
+
+    path = os.path.join(root, "weights", checkpoint_name(0))
+    os.makedirs(path)
+    sharded = model_sharded_state_dict(trainer.model)
+    sharded.update(train_state={"iteration": 0}, scheduler={"num_steps": 0}, layout=None, format_version=1)
+    dist_checkpointing.save(sharded, path)
+    _write_config(path, _cfg())
+    try:
+        Checkpointer(_cfg(load_dir=path))
+        return "accepted"
+    except CheckpointError as e:
+        Checkpointer(_cfg(load_dir=path, load_optimizer=False))  # the fix it names works
+        return str(e)
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +184,11 @@ def test_checkpoint_layout_on_disk(runs):
 
 def test_load_model_weights_reads_latest(runs):
     assert runs["single"]["load_model_weights"] is True
+
+
+def test_weights_only_checkpoint_needs_load_optimizer_false(runs):
+    assert "model weights only" in runs["single"]["weights_only"]
+    assert "checkpoint.load_optimizer=false" in runs["single"]["weights_only"]
 
 
 def test_wall_clock_limit_saves_and_stops(runs):
