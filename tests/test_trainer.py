@@ -165,7 +165,11 @@ def test_cli_prints_metric_line_and_writes_metrics(tmp_path):
     records = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
     assert [r["iteration"] for r in train] == [2, 4]
-    assert [r["tokens"] for r in train] == [2 * 32 * 128, 4 * 32 * 128]  # cumulative: iterations x batch x seq
+    from cola_megatron.config import load_config
+
+    demo = load_config("configs/demo.yaml")
+    per_step = demo.train.global_batch_size * demo.model.seq_length
+    assert [r["tokens"] for r in train] == [2 * per_step, 4 * per_step]  # cumulative: iterations x batch x seq
     assert all(r["tflops_per_gpu"] > 0 for r in train)
     assert [r["kind"] for r in records].count("valid") == 1
     assert list(log_dir.glob("events.out.tfevents.*")), "no TensorBoard events written"
