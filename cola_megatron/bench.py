@@ -46,7 +46,8 @@ class Result:
     tokens_per_s: float
     tflops_per_gpu: float
     mfu: Optional[float]
-    peak_mem_gib: float
+    peak_mem_gib: Optional[float]
+    """CUDA's peak allocation during this variant; None on CPU, where only the process-wide peak is known."""
     params_m: float
     losses: List[float]
 
@@ -111,7 +112,7 @@ def bench_variant(cfg: Config, variant: str, device: torch.device, warmup: int, 
         tokens_per_s=rates["tokens_per_s"],
         tflops_per_gpu=rates["tflops_per_gpu"],
         mfu=rates["mfu"],
-        peak_mem_gib=peak_memory_gib(device),
+        peak_mem_gib=peak_memory_gib(device) if device.type == "cuda" else None,
         params_m=count_parameters(cfg.model).total / 1e6,
         losses=list(trainer.history),
     )
@@ -125,13 +126,16 @@ def format_report(results: List[Result], header: Dict[str, str]) -> List[str]:
     lines.append(f"{'variant':<12}{'params':>10}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU %':>8}{'peak GiB':>10}")
     for r in results:
         mfu = f"{r.mfu:.1f}" if r.mfu is not None else "n/a"
+        mem = f"{r.peak_mem_gib:.2f}" if r.peak_mem_gib is not None else "n/a"
         lines.append(f"{r.variant:<12}{r.params_m:>9.1f}M{r.step_ms:>10.1f}{r.tokens_per_s:>12.0f}"
-                     f"{r.tflops_per_gpu:>10.2f}{mfu:>8}{r.peak_mem_gib:>10.2f}")
+                     f"{r.tflops_per_gpu:>10.2f}{mfu:>8}{mem:>10}")
     base = results[0]
     lines.append("")
     for r in results[1:]:
-        lines.append(f"ratio {r.variant}/{base.variant}: throughput {r.tokens_per_s / base.tokens_per_s:.2f}x, "
-                     f"peak memory {r.peak_mem_gib / max(base.peak_mem_gib, 1e-9):.2f}x")
+        line = f"ratio {r.variant}/{base.variant}: throughput {r.tokens_per_s / base.tokens_per_s:.2f}x"
+        if r.peak_mem_gib is not None and base.peak_mem_gib:
+            line += f", peak memory {r.peak_mem_gib / base.peak_mem_gib:.2f}x"
+        lines.append(line)
     return lines
 
 
