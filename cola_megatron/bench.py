@@ -159,9 +159,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from cola_megatron.parallel import destroy_distributed, initialize_distributed
-    from cola_megatron.train import _quiet_megatron
+    from cola_megatron.compat import quiet_megatron_notices
 
-    _quiet_megatron()
+    quiet_megatron_notices()
     args = _parser().parse_args(argv)
     if not args.config and not args.tiny:
         print("cola-bench: give --config CONFIG or --tiny", file=sys.stderr)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import Optional, Sequence
 
+from cola_megatron.compat import quiet_megatron_notices
 from cola_megatron.config import Config, ConfigError, load_config
 
 
@@ -38,13 +38,6 @@ def dry_run(cfg: Config, world_size: Optional[int]) -> None:
         print(line)
     print(f"recompute={m.recompute} precision={cfg.train.precision} global_batch={cfg.train.global_batch_size} "
           f"micro_batch={cfg.train.micro_batch_size} seq_length={m.seq_length}")
-
-
-def _quiet_megatron():
-    # megatron-core warns on every import that apex/TE are absent; the local backend does not use them.
-    warnings.filterwarnings("ignore", message=".*Apex is not installed.*")
-    warnings.filterwarnings("ignore", message=".*Transformer Engine.*")
-    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
 
 
 def build_data(cfg: Config):
@@ -89,7 +82,7 @@ def run(cfg: Config, log: bool = True):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    _quiet_megatron()
+    quiet_megatron_notices()
     args = build_parser().parse_args(argv)
     world_size = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
     try:

@@ -19,9 +19,9 @@ import argparse
 import os
 import shutil
 import sys
-import warnings
 from typing import Optional, Sequence
 
+from cola_megatron.compat import quiet_megatron_notices
 from cola_megatron.config import ConfigError
 from cola_megatron.convert.errors import ConversionError
 
@@ -184,8 +184,7 @@ COMMANDS = {"to-hf": to_hf, "from-hf": from_hf, "reshard": reshard, "from-dense"
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    # megatron-core warns on import that apex/Transformer Engine are absent; conversion uses neither.
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|full scope).*")
+    quiet_megatron_notices()
     try:
         COMMANDS[args.command](args)
     except (ConversionError, ConfigError) as e:  # ConfigError covers the checkpoint module's CheckpointError
