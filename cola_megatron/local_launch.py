@@ -8,17 +8,13 @@ group rather than one launch per case. ``fn`` must be importable (a module-level
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from typing import Any, Callable, List
 
 import torch.multiprocessing as mp
 
+from cola_megatron.parallel import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
@@ -47,7 +43,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     """``fn(*args)`` on ``world_size`` processes (RANK/WORLD_SIZE set as torchrun would); returns results by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()

@@ -39,7 +39,7 @@ def initialize_distributed(
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group(
             backend="gloo" if dev.type == "cpu" else "nccl",
             rank=int(os.environ.get("RANK", 0)),
@@ -67,7 +67,8 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on now (for single-machine process groups)."""
     import socket
 
     with socket.socket() as s:

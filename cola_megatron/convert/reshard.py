@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import traceback
 from typing import Optional
 
@@ -25,12 +24,8 @@ from cola_megatron import checkpoint as ckpt_lib
 from cola_megatron.config import Config, ConfigError, config_from_dict
 from cola_megatron.convert import megatron_io
 from cola_megatron.convert.errors import ConversionError
+from cola_megatron.parallel import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _with_checkpoint_dirs(cfg: Config, load_dir: Optional[str], save_dir: Optional[str]) -> Config:
@@ -102,7 +97,7 @@ def run_ranks(world_size: int, *args) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     try:
-        mp.start_processes(_spawned_rank, args=(world_size, _free_port(), errors, args), nprocs=world_size,
+        mp.start_processes(_spawned_rank, args=(world_size, free_port(), errors, args), nprocs=world_size,
                            join=True, start_method="spawn")
     except mp.ProcessRaisedException:
         message = errors.get() if not errors.empty() else "a rank failed"
