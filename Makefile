@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 $(CORPUS): | $(STAMP)
-	$(PYTHON) tools/fetch_sample_corpus.py --cache-dir data_cache --vocab-size 8192
+	$(PYTHON) tools/fetch_corpus.py --cache-dir data_cache --vocab-size 8192
 
 corpus: $(CORPUS)
 

@@ -17,10 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from cola_megatron.data.config import DataConfig
-
-
-class ConfigError(ValueError):
-    """A configuration the run cannot use; the message names the key and how to fix it."""
+from cola_megatron.errors import ConfigError
+from cola_megatron.resources import shipped_config
 
 
 @dataclass
@@ -70,10 +68,14 @@ class ParallelConfig:
     """Model chunks per pipeline rank (interleaved 1F1B); null for plain 1F1B."""
     sequence_parallel: bool = False
     cola_tp_scheme: str = "bottleneck"
-    """'bottleneck' (communicate the r-wide bottleneck) or 'pair' (naive per-layer pairing; DESIGN.md §3)."""
+    """'bottleneck' (communicate the r-wide bottleneck) or 'pair' (naive per-layer pairing; docs/design.md §3)."""
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Data parallelism is whatever the world size leaves after TP x PP."""
+        return world_size // (self.tensor_parallel * self.pipeline_parallel)
 
 
 @dataclass
@@ -98,6 +100,11 @@ class TrainConfig:
     """torch.compile each transformer layer (fuses the elementwise work around the GEMMs; compiles once per shape)."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cuda' or 'cpu'."""
+
+    @property
+    def mixed_precision(self) -> bool:
+        """bf16/fp16 compute with fp32 master weights in the optimizer (megatron's Float16Module path)."""
+        return self.precision in ("bf16", "fp16") and not self.pure_bf16
 
 
 @dataclass
@@ -280,6 +287,8 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = (), world_size: Optional[int] = None) -> Config:
     """Defaults < YAML file < overrides, then validation. ``world_size`` adds the checks that depend on it."""
+    if path and not os.path.isfile(path):
+        path = shipped_config(path) or path  # a shipped config works from any directory, e.g. cola/llama_1b.yaml
     values = _read_yaml(path) if path else {}
     values = _deep_merge(values, parse_overrides(overrides))
     cfg = _build(Config, values, "")
@@ -402,7 +411,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if world_size % (tp * pp):
             _fail("parallel", f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel="
                   f"{tp * pp}", "launch a multiple of TP x PP processes or change the layout")
-        dp = world_size // (tp * pp)
+        dp = cfg.parallel.data_parallel_size(world_size)
         _divides("train.global_batch_size", t.global_batch_size, "micro_batch_size x data_parallel",
                  t.micro_batch_size * dp, f"with data_parallel={dp}, use a global batch that is a multiple of "
                  f"{t.micro_batch_size * dp}")

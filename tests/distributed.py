@@ -1,3 +1,3 @@
 """Tests launch gloo process groups through the package's local launcher."""
 
-from cola_megatron.local_launch import run_distributed  # noqa: F401
+from cola_megatron.analysis.local_launch import run_distributed  # noqa: F401

@@ -51,7 +51,7 @@ def _weights(trainer):
 def _train(cfg):
     import torch.distributed as dist
 
-    from cola_megatron.train import run
+    from cola_megatron.training.run import run
 
     trainer = run(cfg, log=False)
     dist.barrier()
@@ -91,8 +91,9 @@ def _single_process_cases(root, tp2_pp2_checkpoint):
     import numpy as np
     import torch
 
-    from cola_megatron.checkpoint import load_model_weights
-    from cola_megatron.trainer import Trainer, TrainingStopped
+    from cola_megatron.errors import TrainingStopped
+    from cola_megatron.training.checkpoint import load_model_weights
+    from cola_megatron.training.trainer import Trainer
 
     tp1_dir = os.path.join(root, "tp1")
     resumed = _train(_cfg(tp1_dir, load_dir=tp2_pp2_checkpoint, iters=6))
@@ -112,10 +113,10 @@ def _single_process_cases(root, tp2_pp2_checkpoint):
     with torch.no_grad():
         next(trainer.model[0].parameters()).fill_(float("nan"))
     try:
-        trainer.checkpointer.save(trainer)
+        trainer.checkpoint.save()
         out["nan"] = "saved"
     except TrainingStopped as e:
-        out["nan"] = e.message
+        out["nan"] = str(e)
     out["nan_dir"] = sorted(os.listdir(nan_dir))
     return out
 
@@ -124,8 +125,8 @@ def _weights_only_refusal(root, trainer):
     """A checkpoint with model weights only (as conversion writes) needs checkpoint.load_optimizer=false."""
     from megatron.core import dist_checkpointing
 
-    from cola_megatron.checkpoint import (CheckpointError, Checkpointer, write_config, checkpoint_name,
-                                          model_sharded_state_dict)
+    from cola_megatron.training.checkpoint import (CheckpointError, checkpoint_name, model_sharded_state_dict,
+                                                   plan_resume, write_config)
 
     path = os.path.join(root, "weights", checkpoint_name(0))
     os.makedirs(path)
@@ -134,10 +135,10 @@ def _weights_only_refusal(root, trainer):
     dist_checkpointing.save(sharded, path)
     write_config(path, _cfg())
     try:
-        Checkpointer(_cfg(load_dir=path))
+        plan_resume(_cfg(load_dir=path))
         return "accepted"
     except CheckpointError as e:
-        Checkpointer(_cfg(load_dir=path, load_optimizer=False))  # the fix it names works
+        plan_resume(_cfg(load_dir=path, load_optimizer=False))  # the fix it names works
         return str(e)
 
 
@@ -169,7 +170,7 @@ def test_resume_at_another_layout(runs, layout):
 
 
 def test_checkpoint_layout_on_disk(runs):
-    from cola_megatron.checkpoint import latest_checkpoint, read_checkpoint_config
+    from cola_megatron.training.checkpoint import latest_checkpoint, read_checkpoint_config
 
     save_dir = os.path.join(runs["root"], "tp2pp2", "run")
     assert sorted(os.listdir(save_dir)) == ["iter_0000005", "iter_0000010", "latest"]
@@ -225,7 +226,7 @@ def saved_copy(runs, tmp_path):
 
 
 def test_bad_resume_input_fails_clearly(saved_copy, tmp_path):
-    from cola_megatron.checkpoint import CheckpointError, Checkpointer
+    from cola_megatron.training.checkpoint import CheckpointError, plan_resume
 
     before = _snapshot(saved_copy)
     cases = []
@@ -237,16 +238,16 @@ def test_bad_resume_input_fails_clearly(saved_copy, tmp_path):
                    "checkpoint.load_optimizer=false"]))
     for cfg, expected in cases:
         with pytest.raises(CheckpointError) as err:
-            Checkpointer(cfg)
+            plan_resume(cfg)
         for text in expected:
             assert text in str(err.value)
 
     (saved_copy / "latest").write_text("garbage\x00\n")
     with pytest.raises(CheckpointError, match=r"not a complete checkpoint.*echo iter_0000010"):
-        Checkpointer(_cfg(str(saved_copy)))
+        plan_resume(_cfg(str(saved_copy)))
     (saved_copy / "latest").unlink()
     with pytest.raises(CheckpointError, match=r"no `latest` file"):
-        Checkpointer(_cfg(str(saved_copy)))
+        plan_resume(_cfg(str(saved_copy)))
     (saved_copy / "latest").write_text("iter_0000010\n")
     assert _snapshot(saved_copy) == before
 
@@ -292,7 +293,7 @@ def _cli(save_dir, *overrides, env=None):
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     save_dir = tmp_path / "run"
     common = ["checkpoint.save_interval=5", "checkpoint.keep_last=1", "optimizer.decay_iters=20"]
-    killed = _cli(save_dir, "train.train_iters=10", *common, env={"COLA_TEST_SIGKILL_AT_SAVE": "2"})
+    killed = _cli(save_dir, "train.train_iters=10", *common, env={"COLA_FAULT_SIGKILL": "save_written:2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert (save_dir / "latest").read_text().strip() == "iter_0000005"
     assert not (save_dir / "iter_0000010" / "cola_config.yaml").exists()  # the interrupted save never committed
@@ -300,7 +301,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     before = _snapshot(save_dir)
     wrong = _cli(save_dir, "train.train_iters=15", "model.hidden_size=128", *common)
     assert wrong.returncode == 2
-    assert "checkpoint error" in wrong.stderr and "model.hidden_size: checkpoint 64, config 128" in wrong.stderr
+    assert "cola-train: error:" in wrong.stderr and "model.hidden_size: checkpoint 64, config 128" in wrong.stderr
     assert "Traceback" not in wrong.stderr and _snapshot(save_dir) == before
 
     resumed = _cli(save_dir, "train.train_iters=15", *common)

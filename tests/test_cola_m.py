@@ -52,7 +52,8 @@ def _positions():
 
 
 def _build(cfg, **kwargs):
-    from cola_megatron.model import build_model, initialize_parameters
+    from cola_megatron.models.build import build_model
+    from cola_megatron.models.init import initialize_parameters
 
     model = build_model(cfg, **kwargs)
     initialize_parameters([model], SEED, cfg.model.init_std)
@@ -76,7 +77,7 @@ def _mismatches(reference: dict, other: dict) -> list:
 
 def _layout_case(tp, sp, scheme, only_lr_act):
     """One forward/backward with and without CoLA-M at one TP layout: gradients, loss and eval output."""
-    from cola_megatron.parallel import initialize_distributed
+    from cola_megatron.training.distributed import initialize_distributed
 
     initialize_distributed(tensor_parallel=tp, seed=SEED)
     (tokens,) = _tokens()
@@ -110,7 +111,7 @@ def _pipeline_case():
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from cola_megatron.parallel import initialize_distributed
+    from cola_megatron.training.distributed import initialize_distributed
 
     initialize_distributed(pipeline_parallel=2, seed=SEED)
     micro_batches = _tokens(4)
@@ -151,8 +152,8 @@ def _stored_elements(recompute: str, num_layers: int = 2):
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.transformer_block import TransformerBlock
 
-    from cola_megatron.model import transformer_config
-    from cola_megatron.spec import block_spec
+    from cola_megatron.models.build import transformer_config
+    from cola_megatron.models.spec import block_spec
 
     cfg = _config(recompute, num_layers=num_layers)
     tconfig = transformer_config(cfg)
@@ -175,7 +176,7 @@ def _stored_elements(recompute: str, num_layers: int = 2):
 
 
 def _memory_case():
-    from cola_megatron.parallel import initialize_distributed
+    from cola_megatron.training.distributed import initialize_distributed
 
     initialize_distributed(seed=SEED)
     counts = {recompute: _stored_elements(recompute) for recompute in ("none", "cola_m", "full")}
@@ -183,7 +184,7 @@ def _memory_case():
 
 
 def _dropout_refused():
-    from cola_megatron.parallel import initialize_distributed
+    from cola_megatron.training.distributed import initialize_distributed
 
     initialize_distributed(seed=SEED)
     try:
@@ -204,7 +205,7 @@ def _training_case():
     import torch.distributed as dist
 
     from cola_megatron.config import config_from_dict
-    from cola_megatron.train import run
+    from cola_megatron.training.run import run
 
     histories = {}
     for name, parallel in TRAINING_LAYOUTS.items():
@@ -303,7 +304,7 @@ def test_dropout_is_refused_with_the_fix(results):
 
 
 def test_cola_m_needs_cola_projections():
-    from cola_megatron.spec import layer_spec
+    from cola_megatron.models.spec import layer_spec
 
     with pytest.raises(ValueError, match="needs model.arch=cola"):
         layer_spec("dense", recompute="cola_m")

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cola_megatron import compare
-from cola_megatron.compare import CompareError, load_run, main, parse_run_spec, summarize
+from cola_megatron.analysis import compare
+from cola_megatron.analysis.compare import load_run, main, parse_run_spec, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,7 +278,7 @@ def test_moving_average():
 def test_wrapper_script_runs(tmp_path):
     write_run(tmp_path / "cola", cola_records())
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "compare_runs.py"), str(tmp_path / "cola"), "--out",
+        [sys.executable, str(REPO / "tools" / "compare.py"), str(tmp_path / "cola"), "--out",
          str(tmp_path / "w.png")],
         capture_output=True, text=True, check=False,
     )

@@ -7,9 +7,9 @@ import textwrap
 import pytest
 
 from cola_megatron.config import ConfigError, config_from_dict, load_config, parse_overrides
-from cola_megatron.model import count_parameters
+from cola_megatron.models.accounting import count_parameters
 
-# DESIGN.md §2: parameter counts with an untied head, V = 32000 (millions).
+# docs/design.md §2: parameter counts with an untied head, V = 32000 (millions).
 PAPER_COUNTS = {
     "60m": (42.8, 58.1),
     "130m": (94.0, 134.1),
@@ -136,7 +136,7 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "cola_megatron.train", "--config", str(bad), "--dry-run"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert "config error: model.num_attention_heads: 4 is not divisible by parallel.tensor_parallel=3" in out.stderr
+    assert "cola-train: error: model.num_attention_heads: 4 is not divisible by parallel.tensor_parallel=3" in out.stderr
     assert "Traceback" not in out.stderr
 
 

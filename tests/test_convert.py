@@ -57,7 +57,7 @@ def make_dense_llama(path, kv_heads=2):
 def _initial_state(cfg):
     """The unsplit model a run starts from (initialisation does not depend on the layout)."""
     from cola_megatron.convert import megatron_io
-    from cola_megatron.model import initialize_parameters
+    from cola_megatron.models.init import initialize_parameters
 
     cfg = megatron_io.unsplit(cfg)
     megatron_io.initialize(cfg)
@@ -69,7 +69,7 @@ def _initial_state(cfg):
 def _train_two_steps(cfg, save_dir):
     """A real run's checkpoint (model, optimizer, scheduler, RNG, data position) at iteration 2."""
     from cola_megatron.config import config_from_dict
-    from cola_megatron.train import run
+    from cola_megatron.training.run import run
 
     values = cfg.to_dict()
     values["train"].update(train_iters=2, micro_batch_size=2, global_batch_size=4, eval_iters=0)
@@ -79,7 +79,7 @@ def _train_two_steps(cfg, save_dir):
 
 
 def _tp1_model(ckpt):
-    from cola_megatron import checkpoint as ckpt_lib
+    from cola_megatron.training import checkpoint as ckpt_lib
     from cola_megatron.convert import megatron_io
 
     ckpt = ckpt_lib.resolve_checkpoint(ckpt)
@@ -112,7 +112,7 @@ def _state(model):
 def _plain_tensors(ckpt, prefix):
     from megatron.core import dist_checkpointing
 
-    from cola_megatron import checkpoint as ckpt_lib
+    from cola_megatron.training import checkpoint as ckpt_lib
 
     tensors = dist_checkpointing.load_plain_tensors(ckpt_lib.resolve_checkpoint(ckpt))
     return {k: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -147,7 +147,7 @@ def _error_of(fn, *args, **kwargs):
 def _convert_everything(root):
     from megatron.core import dist_checkpointing
 
-    from cola_megatron import checkpoint as ckpt_lib
+    from cola_megatron.training import checkpoint as ckpt_lib
     from cola_megatron.convert import cli, megatron_io, names
 
     tokens = torch.tensor(TOKENS)
@@ -235,7 +235,7 @@ def _convert_everything(root):
 def _warm_start(cfg, load_dir):
     """cola-train continues from converted weights: fresh optimizer, schedule from the start."""
     from cola_megatron.config import config_from_dict
-    from cola_megatron.train import run
+    from cola_megatron.training.run import run
 
     values = cfg.to_dict()
     values["train"].update(train_iters=2, micro_batch_size=2, global_batch_size=2, eval_iters=0, precision="fp32")
@@ -498,7 +498,7 @@ def test_dense_rank_too_large_and_existing_output(tmp_path, capsys):
 
 
 def test_tool_script_reports_errors(tmp_path):
-    out = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "to-hf", str(tmp_path / "missing"),
+    out = subprocess.run([sys.executable, "tools/convert.py", "to-hf", str(tmp_path / "missing"),
                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 2 and "does not exist" in out.stderr

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 
-from cola_megatron.data import sample_corpus
+from cola_megatron.data.corpus import sample_corpus
 from cola_megatron.data.build import build_datasets, load_tokenizer
 from cola_megatron.data.config import DataConfig, parse_blend
-from cola_megatron.data.errors import DataError
+from cola_megatron.errors import DataError
 from cola_megatron.data.indexed import inspect_indexed_dataset
 from cola_megatron.data.preprocess import main as preprocess_main
 from cola_megatron.data.preprocess import preprocess
-from cola_megatron.data.rdata import read_lazyload_db
-from cola_megatron.data.sample_corpus import FetchError, Work, fetch_raw_corpus, split_documents
+from cola_megatron.data.corpus.rdata import read_lazyload_db
+from cola_megatron.data.corpus.sample_corpus import FetchError, Work, fetch_raw_corpus, split_documents
 from cola_megatron.data.tokenizer import TokenizerAdapter, check_vocab
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,7 +292,7 @@ def test_cli_reports_bad_input_in_one_line(corpus, tmp_path, capsys):
 def test_unreachable_hub_dataset_fails_before_any_work(corpus, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     process = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", "someone/some-corpus",
+        [sys.executable, str(REPO / "tools" / "preprocess.py"), "--input", "someone/some-corpus",
          "--output-prefix", str(tmp_path / "o"), "--train-tokenizer", str(tmp_path / "t.json")],
         capture_output=True, text=True, env=env, timeout=120)
     assert process.returncode == 2
@@ -475,7 +475,7 @@ SAMPLE = REPO / "data_cache" / "sample_corpus" / f"bpe{sample_corpus.DEFAULT_VOC
 
 
 @pytest.mark.skipif(not (SAMPLE / "manifest.json").is_file(), reason="sample corpus not fetched "
-                    "(python tools/fetch_sample_corpus.py)")
+                    "(python tools/fetch_corpus.py)")
 def test_cached_sample_corpus_reads_back():
     corpus = sample_corpus.prepare_sample_corpus(str(REPO / "data_cache"), progress=False)  # cached: no work
     cfg = DataConfig(train_paths=[corpus.train_prefix], valid_paths=[corpus.valid_prefix],

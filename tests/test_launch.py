@@ -148,7 +148,7 @@ def test_missing_config_is_one_clear_error():
 def test_bad_override_fails_before_launch(tmp_path):
     result = _run_script([DEMO, *TINY, "model.hiden_size=3"], NPROC_PER_NODE="1", LOG_DIR=str(tmp_path / "logs"))
     assert result.returncode == 2
-    assert "config error" in result.stderr and "did you mean 'model.hidden_size'" in result.stderr
+    assert "launch/train.sh: error:" in result.stderr and "did you mean 'model.hidden_size'" in result.stderr
     assert not (tmp_path / "logs").exists()
 
 
@@ -229,7 +229,7 @@ def test_bash_syntax(script):
 @pytest.fixture(scope="module")
 def rendered_demo(tmp_path_factory):
     """The templates rendered by cola-plan for the demo config on 2 nodes x 2 GPUs."""
-    from cola_megatron import plan
+    from cola_megatron.analysis import plan
 
     tmp = tmp_path_factory.mktemp("rendered")
     sbatch, job = tmp / "demo.sbatch", tmp / "demo.yaml"

@@ -18,8 +18,9 @@ def _cfg(**model):
 
 
 def _model(cfg, seed=1):
-    from cola_megatron.model import build_model, initialize_parameters
-    from cola_megatron.parallel import initialize_distributed
+    from cola_megatron.models.build import build_model
+    from cola_megatron.models.init import initialize_parameters
+    from cola_megatron.training.distributed import initialize_distributed
 
     initialize_distributed(seed=seed)
     model = build_model(cfg)
@@ -78,7 +79,7 @@ def test_no_biases(projection_results):
 
 
 def _init_std():
-    from cola_megatron.layers.cola import cola_init_std
+    from cola_megatron.models.layers.cola import cola_init_std
 
     cfg = _cfg(hidden_size=1024, ffn_hidden_size=2752, num_attention_heads=8, rank=256, num_layers=1)
     model = _model(cfg)
@@ -148,8 +149,8 @@ def _attention_kernels():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from cola_megatron.layers.attention import SDPAttention
-    from cola_megatron.model import transformer_config
+    from cola_megatron.models.layers.attention import SDPAttention
+    from cola_megatron.models.build import transformer_config
 
     cfg = _cfg()
     _model(cfg)  # initialises the process groups
@@ -177,14 +178,14 @@ def _real_counts():
 
 
 def test_parameter_count_formula_matches_a_real_build():
-    from cola_megatron.model import count_parameters
+    from cola_megatron.models.accounting import count_parameters
 
     for name, (real, model_cfg) in run_distributed(_real_counts, 1)[0].items():
         assert count_parameters(model_cfg).total == real, name
 
 
 def test_training_flops_formula():
-    from cola_megatron.model import count_parameters, training_flops_per_token
+    from cola_megatron.models.accounting import count_parameters, training_flops_per_token
 
     cfg = _cfg(arch="dense")
     n = count_parameters(cfg.model)

@@ -23,7 +23,7 @@ import sys
 import pytest
 import yaml
 
-from cola_megatron import plan
+from cola_megatron.analysis import plan
 from cola_megatron.config import config_from_dict, load_config
 from tests.distributed import run_distributed
 
@@ -121,9 +121,9 @@ def _measure_cases(cases):
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from cola_megatron.parallel import initialize_distributed
-    from cola_megatron.train import build_data
-    from cola_megatron.trainer import Trainer
+    from cola_megatron.training.distributed import initialize_distributed
+    from cola_megatron.training.run import build_data
+    from cola_megatron.training.trainer import Trainer
 
     results = {}
     for name, cfg in cases:
@@ -198,7 +198,7 @@ def test_predicted_memory_within_10_percent_of_measured(measured, case, rank):
 @pytest.mark.parametrize("path", ["configs/cola/llama_60m.yaml", "configs/cola/llama_1b.yaml",
                                   "configs/cola/llama_7b.yaml", "configs/dense/llama_1b.yaml"])
 def test_parameter_count_matches_the_model(path):
-    from cola_megatron.model import count_parameters
+    from cola_megatron.models.accounting import count_parameters
 
     m = load_config(path).model
     assert plan.stage_parameters(m, 1, 1, 0) == count_parameters(m).total

@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from cola_megatron.comm_report import (
+from cola_megatron.analysis.comm_report import (
     ARCHS,
     BlockShape,
     analytic_bytes,
@@ -63,10 +63,11 @@ def _config(tp: int, sp: bool = False, scheme: str = "bottleneck", only_lr_act: 
 
 
 def _build(cfg, seed: int = SEED):
-    from cola_megatron import model as M
+    from cola_megatron.models.build import build_model
+    from cola_megatron.models.init import initialize_parameters
 
-    model = M.build_model(cfg)
-    M.initialize_parameters([model], seed, cfg.model.init_std)
+    model = build_model(cfg)
+    initialize_parameters([model], seed, cfg.model.init_std)
     return model
 
 
@@ -206,7 +207,7 @@ def _negative_controls(references: dict) -> dict:
 
 def _comm_cases(tp: int, with_1b: bool) -> dict:
     """measured vs analytic bytes per (phase, kind) of one block, for the three architectures."""
-    from cola_megatron.comm_report import block_shape
+    from cola_megatron.analysis.comm_report import block_shape
     from cola_megatron.config import config_from_dict
 
     out = {}
@@ -268,7 +269,7 @@ def launched_group(tp: int, checkpoint_dir: str = "") -> dict:
     """Everything one launch of ``tp`` processes checks; each rank returns its findings."""
     import torch.distributed as dist
 
-    from cola_megatron.parallel import initialize_distributed
+    from cola_megatron.training.distributed import initialize_distributed
 
     results = {"parity": {}, "init_scheme_independent": [], "checkpoint": []}
     saved = {}

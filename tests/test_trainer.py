@@ -33,7 +33,7 @@ def _cfg(arch: str, train=None, **parallel):
 
 
 def _losses(cfg):
-    from cola_megatron.train import run
+    from cola_megatron.training.run import run
 
     trainer = run(cfg, log=False)
     return trainer.history
@@ -52,7 +52,7 @@ def _run_layouts(layouts):
 
 def _precision_runs():
     """Mixed and pure bf16 on CPU, and the learning rates megatron's scheduler applies."""
-    from cola_megatron.train import run
+    from cola_megatron.training.run import run
 
     out = {}
     for name, train in {"fp32": {}, "bf16": {"precision": "bf16"},

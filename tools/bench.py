@@ -3,7 +3,7 @@
 
 import sys
 
-from cola_megatron.bench import main
+from cola_megatron.analysis.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

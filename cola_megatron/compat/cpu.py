@@ -23,8 +23,6 @@ _CUDA_TYPE_NAMES = {
     "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
 }
 
-_FACTORIES_WITH_DEVICE = None  # filled lazily: torch functions whose `device=` kwarg we rewrite
-
 
 def _is_cuda_device(device) -> bool:
     if device is None:

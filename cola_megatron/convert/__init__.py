@@ -9,6 +9,6 @@
 - :mod:`.reshard`: rewriting a checkpoint from the processes of another TP/PP layout.
 """
 
-from cola_megatron.convert.errors import ConversionError
+from cola_megatron.errors import ConversionError
 
 __all__ = ["ConversionError"]

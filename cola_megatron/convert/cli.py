@@ -21,13 +21,12 @@ import shutil
 import sys
 from typing import Optional, Sequence
 
-from cola_megatron.compat import quiet_megatron_notices
-from cola_megatron.config import ConfigError
-from cola_megatron.convert.errors import ConversionError
+from cola_megatron.cli import ArgumentParser, run_command
+from cola_megatron.errors import ConversionError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cola-convert", description=__doc__,
+    parser = ArgumentParser(prog="cola-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -69,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def to_hf(args) -> None:
-    from cola_megatron import checkpoint as ckpt_lib
+    from cola_megatron.training import checkpoint as ckpt_lib
     from cola_megatron.convert import hf_io, megatron_io, names
 
     ckpt = ckpt_lib.resolve_checkpoint(args.checkpoint)
@@ -174,7 +173,7 @@ def from_dense(args) -> None:
 def _release_process_groups() -> None:
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        from cola_megatron.parallel import destroy_distributed
+        from cola_megatron.training.distributed import destroy_distributed
 
         destroy_distributed()
 
@@ -182,17 +181,17 @@ def _release_process_groups() -> None:
 COMMANDS = {"to-hf": to_hf, "from-hf": from_hf, "reshard": reshard, "from-dense": from_dense}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
-    quiet_megatron_notices()
     try:
         COMMANDS[args.command](args)
-    except (ConversionError, ConfigError) as e:  # ConfigError covers the checkpoint module's CheckpointError
-        print(f"cola-convert {args.command}: error: {e}", file=sys.stderr)
-        return 2
     finally:
         _release_process_groups()
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return run_command("cola-convert", _main, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 
-from cola_megatron.convert.errors import ConversionError
+from cola_megatron.errors import ConversionError
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -21,7 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
-from cola_megatron.convert.errors import ConversionError
+from cola_megatron.errors import ConversionError
 
 SHIPPED_MODULES = ("configuration_cola.py", "modeling_cola.py")
 SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -52,7 +52,7 @@ def _shipped_dir() -> str:
 def tokenizer_special_ids(tokenizer_file: str, model_vocab_size: Optional[int] = None) -> Dict[str, Optional[int]]:
     """eos (the end-of-document token) and pad ids of a ``tokenizer.json``, found as the data pipeline finds them;
     the tokenizer must fit the model's vocabulary."""
-    from cola_megatron.data.errors import DataError
+    from cola_megatron.errors import DataError
     from cola_megatron.data.tokenizer import TokenizerAdapter, check_vocab
 
     try:

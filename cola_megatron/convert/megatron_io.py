@@ -1,4 +1,4 @@
-"""Reading and writing megatron ``torch_dist`` checkpoints for conversion, on top of :mod:`cola_megatron.checkpoint`.
+"""Reading and writing megatron ``torch_dist`` checkpoints for conversion, on top of :mod:`cola_megatron.training.checkpoint`.
 
 A checkpoint's tensors carry megatron's global keys, so building a model of *any* layout and loading its sharded
 state dict gets the right slices; conversion reads at TP=1/PP=1 in one process and so gets the unsplit tensors.
@@ -16,9 +16,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from cola_megatron import checkpoint as ckpt_lib
+from cola_megatron.training import checkpoint as ckpt_lib
 from cola_megatron.config import Config, ConfigError, config_from_dict
-from cola_megatron.convert.errors import ConversionError
+from cola_megatron.errors import ConversionError
 
 WEIGHTS_ONLY = "weights"
 """``contents`` entry of a weights-only checkpoint's common state (training checkpoints have none)."""
@@ -60,7 +60,7 @@ def require_new_output(path: str) -> None:
 
 def initialize(cfg: Config) -> None:
     """Process groups for ``cfg``'s layout (one process when not launched by torchrun), always on CPU."""
-    from cola_megatron.parallel import initialize_distributed
+    from cola_megatron.training.distributed import initialize_distributed
 
     p = cfg.parallel
     initialize_distributed(p.tensor_parallel, p.pipeline_parallel, p.virtual_pipeline, seed=cfg.train.seed,
@@ -71,7 +71,7 @@ def build_chunks(cfg: Config) -> List[torch.nn.Module]:
     """This rank's model chunks (one per virtual stage), as the trainer builds them, unwrapped."""
     from megatron.core import parallel_state as ps
 
-    from cola_megatron.model import build_model, transformer_config
+    from cola_megatron.models.build import build_model, transformer_config
 
     tconfig = transformer_config(cfg, use_cpu_initialization=True)
     vp = cfg.parallel.virtual_pipeline
@@ -122,7 +122,7 @@ def save_weights(chunks: Sequence[torch.nn.Module], cfg: Config, save_dir: str,
                  train_state: Optional[dict] = None) -> str:
     """Write this rank's chunks as a weights-only checkpoint ``save_dir/iter_NNNNNNN`` (every rank calls it).
 
-    The common entries are those ``Checkpointer.resume`` reads, for a run that starts from these weights: the
+    The common entries are those ``CheckpointManager.load`` reads, for a run that starts from these weights: the
     train state (iteration 0 unless given), the schedule at its start, and no layout, so that no RNG state is
     expected; ``contents`` marks the missing optimizer state.
     """

@@ -16,7 +16,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 from cola_megatron.config import ModelConfig
-from cola_megatron.convert.errors import ConversionError
+from cola_megatron.errors import ConversionError
 
 # megatron slot (under decoder.layers.{i}.) → the reference projections it fuses, in branch order.
 SLOTS = {

@@ -8,7 +8,7 @@ target layout's ranks, which a resume at that layout restores. The ranks are spa
 processes of a ``torchrun --nproc-per-node TP*PP`` launch).
 
 A run's checkpoint keeps its whole training state: each rank builds the trainer of the target layout (model,
-optimizer, scheduler), resumes it from the source with :class:`cola_megatron.checkpoint.Checkpointer` and saves it
+optimizer, scheduler), resumes it from the source with :class:`cola_megatron.training.checkpoint.CheckpointManager` and saves it
 again, so the run continues at the new layout where it stopped. A weights-only checkpoint (written by conversion)
 stays weights-only.
 """
@@ -20,11 +20,11 @@ import os
 import traceback
 from typing import Optional
 
-from cola_megatron import checkpoint as ckpt_lib
+from cola_megatron.training import checkpoint as ckpt_lib
 from cola_megatron.config import Config, ConfigError, config_from_dict
 from cola_megatron.convert import megatron_io
-from cola_megatron.convert.errors import ConversionError
-from cola_megatron.parallel import free_port
+from cola_megatron.errors import ConversionError
+from cola_megatron.training.distributed import free_port
 
 
 
@@ -38,12 +38,14 @@ def _reshard_training_state(cfg: Config, source: str, save_dir: str) -> None:
     """Model, optimizer, scheduler and data position through the trainer of the target layout."""
     import torch
 
-    from cola_megatron.trainer import Trainer
+    from cola_megatron.training.trainer import Trainer
 
     load_cfg = _with_checkpoint_dirs(cfg, source, None)
-    trainer = Trainer(load_cfg, torch.device("cpu"), log=False)
-    ckpt_lib.Checkpointer(load_cfg).resume(trainer)
-    ckpt_lib.Checkpointer(_with_checkpoint_dirs(cfg, None, save_dir)).save(trainer)
+    trainer = Trainer(load_cfg, torch.device("cpu"), log=False, resume=ckpt_lib.plan_resume(load_cfg))
+    trainer.checkpoint.load()
+    ckpt_lib.CheckpointManager(_with_checkpoint_dirs(cfg, None, save_dir), model_parts=trainer.model,
+                               optimizer=trainer.optimizer, scheduler=trainer.scheduler,
+                               train_state=trainer.state).save()
 
 
 def _reshard_weights(cfg: Config, source: str, save_dir: str) -> None:
@@ -80,7 +82,7 @@ def _spawned_rank(rank: int, world_size: int, port: int, errors, args) -> None:
         errors.put(traceback.format_exc())
         raise
     finally:
-        from cola_megatron.parallel import destroy_distributed
+        from cola_megatron.training.distributed import destroy_distributed
 
         destroy_distributed()
 

@@ -9,18 +9,15 @@ index cache first, the others then read it).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from typing import Callable, Optional, Sequence
-from unittest import mock
 
-import torch
-
+from cola_megatron.compat.megatron import plain_process_rank
 from cola_megatron.data.config import DataConfig, parse_split
-from cola_megatron.data.errors import DataError
 from cola_megatron.data.indexed import IndexInfo, bin_path, idx_path, inspect_indexed_dataset, read_meta
 from cola_megatron.data.tokenizer import MockTokenizer, TokenizerAdapter, check_vocab
+from cola_megatron.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 
@@ -82,17 +79,6 @@ def _fingerprint(prefixes: Sequence[str], layout: str) -> str:
     return digest.hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _plain_process_rank():
-    """megatron-core 0.16's BlendedDataset asks torch.distributed for the rank when it writes its
-    cache, even in a process without a process group; answer rank 0 there."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        yield
-        return
-    with mock.patch.object(torch.distributed, "get_rank", lambda group=None: 0):
-        yield
-
-
 def build_datasets(data_cfg: DataConfig, seq_length: int, seed: int,
                    num_samples: Sequence[Optional[int]], tokenizer,
                    is_built_on_rank: Optional[Callable[[], bool]] = None):
@@ -144,6 +130,6 @@ def build_datasets(data_cfg: DataConfig, seq_length: int, seed: int,
         create_attention_mask=data_cfg.create_attention_mask,
     )
     builder = BlendedMegatronDatasetBuilder(cls, list(num_samples), is_built_on_rank or (lambda: True), config)
-    with _plain_process_rank():
+    with plain_process_rank():
         train, valid, test = builder.build()
     return train, valid, test

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from cola_megatron.data.errors import DataError
+from cola_megatron.errors import DataError
 
 LAYOUTS = ("packed", "padded")
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from cola_megatron.data.errors import DataError
+from cola_megatron.errors import DataError
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _IDX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count

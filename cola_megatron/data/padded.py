@@ -18,7 +18,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
-from cola_megatron.data.errors import DataError
+from cola_megatron.errors import DataError
 
 
 class PaddedDocumentDataset(MegatronDataset):

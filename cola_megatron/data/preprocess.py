@@ -11,10 +11,10 @@ import argparse
 import os
 import sys
 import time
-import warnings
 from typing import Optional
 
-from cola_megatron.data.errors import DataError
+from cola_megatron.cli import ArgumentParser, run_command
+from cola_megatron.errors import DataError
 from cola_megatron.data.sources import SAMPLE_BY, check_sources, iter_text_batches, resolve_inputs
 
 
@@ -104,13 +104,8 @@ def preprocess(inputs: list[str], output_prefix: str, *, tokenizer: Optional[str
     return info
 
 
-def _quiet_optional_backend_warnings() -> None:
-    # megatron-core warns on import that Transformer Engine/apex are absent; irrelevant here.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cola-preprocess",
         description="Tokenize raw text into megatron .bin/.idx files (one document per record; "
                     "an end-of-document token is appended to each).")
@@ -136,20 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def _main(argv: Optional[list[str]]) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_optional_backend_warnings()
-    try:
-        preprocess(args.input, args.output_prefix, tokenizer=args.tokenizer,
-                   train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size,
-                   min_frequency=args.min_frequency, text_key=args.text_key,
-                   text_sample_by=args.text_sample_by, workers=args.workers,
-                   batch_size=args.batch_size, hub_split=args.hub_split, hub_config=args.hub_config,
-                   append_eod=not args.no_eod, progress=not args.no_progress)
-    except DataError as error:
-        print(f"cola-preprocess: error: {error}", file=sys.stderr)
-        return 2
+    preprocess(args.input, args.output_prefix, tokenizer=args.tokenizer,
+               train_tokenizer=args.train_tokenizer, vocab_size=args.vocab_size,
+               min_frequency=args.min_frequency, text_key=args.text_key,
+               text_sample_by=args.text_sample_by, workers=args.workers,
+               batch_size=args.batch_size, hub_split=args.hub_split, hub_config=args.hub_config,
+               append_eod=not args.no_eod, progress=not args.no_progress)
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_command("cola-preprocess", _main, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from cola_megatron.data.errors import DataError
+from cola_megatron.errors import DataError
 
 # File suffix -> `datasets` builder. `.gz` variants of the text formats are read transparently.
 BUILDERS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet",

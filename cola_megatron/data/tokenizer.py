@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, Optional
 from megatron.core.tokenizers import MegatronTokenizerBase
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from cola_megatron.data.errors import DataError
+from cola_megatron.errors import DataError
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -20,14 +20,18 @@ EOD_CANDIDATES = (EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "
 PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
 
 
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    if vocab_size < 258 + 2:
+        raise DataError(f"vocab size {vocab_size} is too small: byte-level BPE needs at least 260 (256 bytes + "
+                        "special tokens + merges). Fix: choose a vocab size of 260 or more (e.g. 8192)")
+
+
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE (GPT-2 style: every byte representable, lossless decode).
 
     Ids 0 and 1 are the end-of-document and pad tokens.
     """
-    if vocab_size < 258 + 2:
-        raise DataError(f"vocab size {vocab_size} is too small: byte-level BPE needs at least 260 "
-                        "(256 bytes + special tokens + merges)")
+    check_bpe_vocab_size(vocab_size)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

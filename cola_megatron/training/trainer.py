@@ -1,0 +1,390 @@
+"""The training loop on megatron-core: schedules, DDP, the megatron optimizer and LR scheduler.
+
+Everything parallel is megatron's: ``get_forward_backward_func`` picks no-pipelining, 1F1B or interleaved 1F1B;
+``DistributedDataParallel`` buckets and (optionally) overlaps gradient reduction; ``get_megatron_optimizer`` gives
+AdamW with fp32 master weights, gradient clipping and the distributed optimizer. Loss is averaged per token over the
+whole global batch (``calculate_per_token_loss``), so every layout computes the same loss for the same samples.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from cola_megatron.compat.megatron import step_with_bf16_grads
+from cola_megatron.config import Config
+from cola_megatron.errors import TrainingStopped
+from cola_megatron.training.batches import MicroBatches
+from cola_megatron.training.checkpoint import CheckpointManager, ResumePoint
+from cola_megatron.training.metrics import MetricsSink, format_train_line, peak_memory_gib, peak_tflops, throughput
+from cola_megatron.models.accounting import count_parameters, training_flops_per_token
+from cola_megatron.models.build import build_model, transformer_config
+from cola_megatron.models.init import initialize_parameters
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must restore besides the model, optimizer and scheduler: the position in the run."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+
+    def state_dict(self) -> Dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, values: Dict[str, int]) -> None:
+        for f in fields(self):
+            if f.name in values:
+                setattr(self, f.name, values[f.name])
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop finishes the iteration, checkpoints and exits 0 (Slurm preemption)."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners): signals stay default
+                pass
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Per-token loss sum and token count; megatron divides by the step's total token count."""
+    losses = output_tensor.float()
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(losses.reshape(-1) * mask)
+    num_tokens = mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), mask.sum()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config, device: torch.device, log: bool = True, resume: Optional[ResumePoint] = None):
+        from megatron.core import parallel_state as ps
+
+        self.cfg = cfg
+        self.device = device
+        self.world_size = dist.get_world_size()
+        self.rank = dist.get_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.state = TrainState()
+        self.tconfig = transformer_config(cfg, use_cpu_initialization=device.type == "cpu")
+        self.tconfig.calculate_per_token_loss = True
+        self.model = self._build_model_chunks()
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        self._wire_megatron_hooks()
+        self.flops_per_token = training_flops_per_token(cfg.model)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
+        self.sink = MetricsSink(cfg.logging.log_dir, enabled=log and self.rank == 0,
+                                tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
+                                run_config=cfg.to_dict())
+        self.train_data = self.valid_data = None
+        self.checkpoint = self._build_checkpoint_manager(resume)
+        self.history: List[float] = []  # the loss of every step, for tests and callers
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Set-up
+
+    def _build_model_chunks(self):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.transformer.module import Float16Module
+
+        cfg, vp = self.cfg, self.cfg.parallel.virtual_pipeline
+        chunks = []
+        for stage in range(vp or 1):
+            vp_stage = stage if vp else None
+            pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+            post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+            chunks.append(build_model(cfg, self.tconfig, pre_process=pre, post_process=post, vp_stage=vp_stage))
+        initialize_parameters(chunks, cfg.train.seed, cfg.model.init_std)
+        chunks = [c.to(self.device) for c in chunks]
+        if cfg.train.torch_compile:
+            # Per transformer layer (in place: parameter names and checkpoints are unchanged); the pipeline
+            # schedules, DDP hooks and the loss stay eager.
+            for chunk in chunks:
+                for layer in chunk.decoder.layers:
+                    layer.compile()
+        if cfg.train.mixed_precision:
+            chunks = [Float16Module(self.tconfig, c) for c in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            # Pure bf16 keeps gradients in the parameters' dtype: torch's AdamW refuses fp32 gradients for bf16
+            # weights (the reference accumulates in bf16 too).
+            grad_reduce_in_fp32=not cfg.train.pure_bf16,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            average_in_collective=False,
+        )
+        return [
+            DistributedDataParallel(self.tconfig, ddp_config, c, disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)
+        ]
+
+    def _build_optimizer(self):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o, t = self.cfg.optimizer, self.cfg.train
+        config = OptimizerConfig(
+            optimizer="adam",
+            lr=o.lr,
+            min_lr=o.lr * o.min_lr_ratio,
+            weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2,
+            adam_eps=o.adam_eps,
+            # megatron's clipping asserts fp32 gradients; pure-bf16 steps clip in step_with_bf16_grads instead.
+            clip_grad=0.0 if t.pure_bf16 else o.clip_grad,
+            bf16=t.mixed_precision and t.precision == "bf16",
+            fp16=t.mixed_precision and t.precision == "fp16",
+            params_dtype=torch.bfloat16 if t.pure_bf16 else torch.float32,
+            use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
+            overlap_param_gather_with_optimizer_step=False,
+        )
+        return get_megatron_optimizer(config, self.model)
+
+    def _build_scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o = self.cfg.optimizer
+        decay = o.decay_iters if o.decay_iters is not None else self.cfg.train.train_iters
+        return OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=o.lr,
+            min_lr=o.lr * o.min_lr_ratio,
+            lr_warmup_steps=o.warmup_iters,
+            lr_decay_steps=decay,
+            lr_decay_style=o.decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=decay,
+            wd_incr_style="constant",
+        )
+
+    def _wire_megatron_hooks(self):
+        """What megatron's schedules call back into: gradient finalisation, loss scaling, DDP sync control."""
+        from megatron.core.distributed import finalize_model_grads
+
+        c = self.tconfig
+        c.finalize_model_grads_func = finalize_model_grads
+        c.grad_scale_func = self.optimizer.scale_loss
+        no_sync = [m.no_sync for m in self.model]
+        c.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if self.cfg.parallel.overlap_grad_reduce:
+            sync = [m.start_grad_sync for m in self.model]
+            c.grad_sync_func = sync[0] if len(sync) == 1 else sync
+        if self.cfg.parallel.overlap_param_gather:
+            gather = [m.start_param_sync for m in self.model]
+            c.param_sync_func = gather[0] if len(gather) == 1 else gather
+
+    def attach_data(self, train_dataset, valid_dataset=None):
+        self.train_data = train_dataset
+        self.valid_data = valid_dataset
+
+    def _build_checkpoint_manager(self, resume: Optional[ResumePoint]) -> Optional[CheckpointManager]:
+        """A manager of this run's parts when it saves or resumes; restore with ``self.checkpoint.load()``."""
+        if not (self.cfg.checkpoint.save_dir or resume):
+            return None
+        return CheckpointManager(self.cfg, model_parts=self.model, optimizer=self.optimizer,
+                                 scheduler=self.scheduler, train_state=self.state, resume=resume)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Steps
+
+    def _micro_batch_iterators(self, dataset, step: int):
+        t = self.cfg.train
+        chunks = len(self.model)
+        # One iterator per model chunk: with virtual pipelining megatron reads each chunk's micro-batches separately.
+        iters = []
+        for _ in range(chunks):
+            mb = MicroBatches(dataset, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
+                              start_step=step, device=self.device)
+            iters.append(mb.step_iterator())
+        return iters if chunks > 1 else iters[0], mb.micro_steps
+
+    def _run_schedule(self, dataset, step: int, forward_only: bool) -> torch.Tensor:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        t, m = self.cfg.train, self.cfg.model
+        data, micro_steps = self._micro_batch_iterators(dataset, step)
+        losses = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=data,
+            model=self.model,
+            num_microbatches=micro_steps,
+            seq_length=m.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            decoder_seq_length=m.seq_length,
+            forward_only=forward_only,
+        )
+        return self._reduce_loss(losses)
+
+    def _reduce_loss(self, losses) -> torch.Tensor:
+        """[loss_sum, tokens] of the whole global batch, on every rank (one all-reduce over the world)."""
+        from megatron.core import parallel_state as ps
+
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and self.tp_rank == 0:
+            for item in losses:
+                total += item["lm loss"].to(total)
+        dist.all_reduce(total)
+        return total
+
+    def train_step(self) -> Dict[str, float]:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        step = self.state.iteration
+        total = self._run_schedule(self.train_data, step, forward_only=False)
+        loss = (total[0] / total[1].clamp(min=1)).item()
+        skipped = not math.isfinite(loss)
+        grad_norm = float("nan")
+        if skipped:
+            self.state.skipped_steps += 1
+            if self.state.skipped_steps > self.cfg.train.max_nan_skips:
+                raise TrainingStopped(
+                    f"loss was NaN/inf in {self.state.skipped_steps} steps (train.max_nan_skips="
+                    f"{self.cfg.train.max_nan_skips}); stopping without saving. Lower optimizer.lr, check the data, "
+                    "or resume from the last checkpoint")
+        else:
+            if self.cfg.train.pure_bf16:
+                update_ok, grad_norm = step_with_bf16_grads(self.optimizer, self.cfg.optimizer.clip_grad)
+            else:
+                update_ok, grad_norm, _ = self.optimizer.step()
+            if update_ok:
+                self.scheduler.step(increment=1)
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        self.state.iteration += 1
+        self.state.consumed_samples += self.cfg.train.global_batch_size
+        self.history.append(loss)
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": skipped}
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        if self.valid_data is None or self.cfg.train.eval_iters == 0:
+            return None
+        for chunk in self.model:
+            chunk.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for k in range(self.cfg.train.eval_iters):  # the same validation samples at every evaluation
+            total += self._run_schedule(self.valid_data, k, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        loss = (total[0] / total[1].clamp(min=1)).item()
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The loop
+
+    def _agree(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (stop decisions must be collective)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _log_header(self):
+        cfg = self.cfg
+        n = count_parameters(cfg.model)
+        self.sink.message(
+            f"cola-train: {cfg.model.arch} model, {n.total / 1e6:.1f}M parameters, "
+            f"{self.flops_per_token / 1e9:.3f} GFLOP/token (training), world_size={self.world_size} "
+            f"TP={cfg.parallel.tensor_parallel} PP={cfg.parallel.pipeline_parallel} DP={self.dp_size}"
+            + (f" VP={cfg.parallel.virtual_pipeline}" if cfg.parallel.virtual_pipeline else ""))
+
+    def _validate_and_log(self):
+        result = self.evaluate()
+        if result is None:
+            return None
+        it = self.state.iteration
+        tokens = it * self.tokens_per_step
+        record = {"iteration": it, "tokens": tokens, "flops": tokens * self.flops_per_token, **result}
+        self.sink.log("valid", record, f"validation at iter {it}: loss {result['loss']:.4f} | "
+                                       f"perplexity {result['ppl']:.2f}")
+        return result
+
+    def train(self) -> str:
+        """Run until train_iters, a stop signal or the wall-clock limit. Returns why it stopped."""
+        cfg = self.cfg
+        t = cfg.train
+        if self.train_data is None:
+            raise RuntimeError("attach_data() before train()")
+        self._log_header()
+        stop = _StopSignal()
+        peak = peak_tflops(cfg.logging.peak_tflops)
+        start = time.monotonic()
+        interval_start, interval_losses, interval_steps = time.monotonic(), [], 0
+        reason = "finished"
+        try:
+            while self.state.iteration < t.train_iters:
+                result = self.train_step()
+                it = self.state.iteration
+                if not result["skipped"]:
+                    interval_losses.append(result["loss"])
+                interval_steps += 1
+                if it % cfg.logging.log_interval == 0 or it == t.train_iters:
+                    self._sync_device()
+                    elapsed = time.monotonic() - interval_start
+                    tokens = it * self.tokens_per_step
+                    record = {
+                        "iteration": it,
+                        "tokens": tokens,
+                        "flops": tokens * self.flops_per_token,
+                        "loss": sum(interval_losses) / max(len(interval_losses), 1),
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "grad_norm": result["grad_norm"],
+                        **throughput(interval_steps * self.tokens_per_step, elapsed, self.world_size,
+                                     self.flops_per_token, peak),
+                        "peak_mem_gib": peak_memory_gib(self.device),
+                        "skipped": self.state.skipped_steps,
+                    }
+                    self.sink.log("train", record, format_train_line(record, t.train_iters))
+                    interval_start, interval_losses, interval_steps = time.monotonic(), [], 0
+                if t.eval_interval and it % t.eval_interval == 0 and it < t.train_iters:
+                    self._validate_and_log()
+                if self.checkpoint is not None:
+                    self.checkpoint.maybe_save()
+                timed_out = t.exit_duration_minutes is not None and (time.monotonic() - start) / 60 >= t.exit_duration_minutes
+                if self._agree(stop.received is not None or timed_out):
+                    reason = "signal" if stop.received is not None else "time limit"
+                    break
+            if reason == "finished":
+                self._validate_and_log()
+            if self.checkpoint is not None:
+                self.checkpoint.finish()
+            if reason != "finished":
+                self.sink.message(f"cola-train: stopped at iteration {self.state.iteration} ({reason})")
+        finally:
+            stop.restore()
+            self.sink.close()
+        return reason
+
+    def _sync_device(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
