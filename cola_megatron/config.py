@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import math
 import os
 import typing
@@ -244,24 +245,66 @@ def _deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
     return merged
 
 
-def _read_yaml(path: str, seen: Sequence[str] = ()) -> Dict[str, Any]:
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(f"key {key!r} appears twice (lines {seen[key]} and {line})")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base loader reports it
+                continue
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml_text(text: str, source: str) -> Any:
+    stream = io.StringIO(text)
+    stream.name = source  # YAML's error marks name the stream
+    try:
+        return yaml.load(stream, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        _fail(source, str(e), "give each key once per section and delete the other")
+    except yaml.YAMLError as e:
+        _fail(source, f"is not valid YAML ({' '.join(str(e).split())})", "fix the YAML syntax")
+
+
+def _read_yaml(path: str, seen: Sequence[str] = (), named_by: str = "--config") -> Dict[str, Any]:
     """Read a YAML config; a top-level ``include: other.yaml`` (relative to this file) is merged underneath."""
     if not os.path.isfile(path):
-        _fail("--config", f"file {path!r} does not exist", "pass the path of a YAML file, e.g. configs/demo.yaml")
+        if named_by == "--config":
+            _fail("--config", f"file {path!r} does not exist", "pass the path of a YAML file, e.g. configs/demo.yaml")
+        _fail(named_by, f"the included file {path!r} does not exist",
+              "fix the include: line (paths are relative to the including file)")
     real = os.path.realpath(path)
     if real in seen:
         _fail("include", f"{path} includes itself", "remove the include cycle")
-    with open(path) as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            _fail(path, f"is not valid YAML ({e})", "fix the YAML syntax")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        _fail(path, f"is not UTF-8 text (byte {e.start}, line {line}, is {raw[e.start:e.start + 1]!r})",
+              "save the config as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    values = _load_yaml_text(text, path) or {}
     if not isinstance(values, dict):
         _fail(path, "top level is not a mapping", "write the config as `section: {key: value}`")
     include = values.pop("include", None)
-    if include:
+    if include is not None:
+        if not isinstance(include, str) or not include.strip():
+            _fail(f"{path}: include", f"expected one file name, got {include!r}",
+                  "include a single file (it may itself include another)")
         base_path = os.path.join(os.path.dirname(path), include)
-        values = _deep_merge(_read_yaml(base_path, (*seen, real)), values)
+        values = _deep_merge(_read_yaml(base_path, (*seen, real), f"{path}: include"), values)
     return values
 
 
@@ -275,7 +318,7 @@ def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
         parts = key.strip().split(".")
         if len(parts) < 2 or not all(parts):
             _fail(key, "overrides name a section and a key", "write e.g. model.rank=64")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml_text(raw, key) if raw.strip() else None
         node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})

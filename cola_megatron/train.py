@@ -13,13 +13,15 @@ from typing import List, Optional, Sequence
 
 from cola_megatron.cli import ArgumentParser, run_command
 from cola_megatron.config import Config, load_config
+from cola_megatron.training.preflight import preflight, warn_all
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="cola-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (a path, or a shipped one such as cola/llama_1b.yaml)")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate the config, print parameter count, FLOPs per token and layout, then exit")
+                   help="validate the config, print parameter count, FLOPs per token and layout, check the data, "
+                        "tokenizer and output directories, then exit")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.train_iters=100")
     return p
 
@@ -60,6 +62,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     cfg = load_config(args.config, args.overrides, world_size=world_size or (None if args.dry_run else 1))
     if args.dry_run:
         dry_run(cfg, world_size)
+        warn_all(preflight(cfg))  # the files: data, tokenizer, output directories (the same checks a run makes)
         return 0
     from cola_megatron.training.distributed import destroy_distributed
     from cola_megatron.training.run import run

@@ -71,10 +71,21 @@ def inspect_indexed_dataset(prefix: str) -> IndexInfo:
     lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=_IDX_HEADER_BYTES, shape=(num_sequences,))
     doc_indices = np.memmap(idx, dtype=np.int64, mode="r", shape=(doc_count,),
                             offset=_IDX_HEADER_BYTES + 12 * num_sequences)
-    if doc_count == 0 or doc_indices[-1] != num_sequences or (num_sequences and lengths.min() < 0):
+    if (doc_count == 0 or doc_indices[0] != 0 or doc_indices[-1] != num_sequences
+            or (num_sequences and lengths.min() < 0) or np.any(np.diff(doc_indices) < 0)):
         raise DataError(f"{idx} is corrupt (inconsistent document table); {_rerun_hint(prefix)}")
     num_tokens = int(lengths.sum(dtype=np.int64))
     dtype = np.dtype(_DTYPES[code])
+    # megatron reads each sequence at its stored byte offset: they must be the running sum of the lengths.
+    pointers = np.memmap(idx, dtype=np.int64, mode="r", shape=(num_sequences,),
+                         offset=_IDX_HEADER_BYTES + 4 * num_sequences)
+    expected = np.zeros(num_sequences, dtype=np.int64)
+    np.cumsum(lengths[:-1], dtype=np.int64, out=expected[1:])
+    bad = np.flatnonzero(pointers != expected * dtype.itemsize)
+    if bad.size:
+        raise DataError(f"{idx} is corrupt: the byte offset of sequence {int(bad[0])} is {int(pointers[bad[0]])}, "
+                        f"its lengths give {int(expected[bad[0]]) * dtype.itemsize} ({bad.size} bad offsets); "
+                        f"{_rerun_hint(prefix)}")
     expected_bin = num_tokens * dtype.itemsize
     bin_size = os.path.getsize(binary)
     if bin_size != expected_bin:
@@ -87,12 +98,30 @@ def inspect_indexed_dataset(prefix: str) -> IndexInfo:
 
 
 def read_meta(prefix: str) -> Optional[dict]:
-    """The preprocessing record written beside the pair, if any."""
+    """The preprocessing record written beside the pair, if any; a damaged one is refused, not ignored."""
     path = meta_path(prefix)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path} is corrupt ({error}); {_rerun_hint(prefix)}, or delete {path} to use the "
+                        "pair without its record") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} is corrupt (not a JSON object); {_rerun_hint(prefix)}, or delete {path} to "
+                        "use the pair without its record")
+    return meta
+
+
+def token_id_range(prefix: str, dtype: str, chunk_tokens: int = 1 << 26) -> tuple[int, int]:
+    """(smallest, largest) token id in ``prefix.bin``, read in chunks (memory-bandwidth bound)."""
+    data = np.memmap(bin_path(prefix), dtype=np.dtype(dtype), mode="r")
+    low, high = 0, 0
+    for start in range(0, len(data), chunk_tokens):
+        chunk = data[start:start + chunk_tokens]
+        low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
+    return low, high
 
 
 class IndexedWriter:

@@ -19,6 +19,10 @@ def build_data(cfg: Config):
 
 def run(cfg: Config, log: bool = True):
     """Train under an initialised (or single-process) torch.distributed environment; returns the Trainer."""
+    from cola_megatron.training.preflight import preflight, warn_all
+
+    # Files, data and memory are checked before megatron-core is imported or anything is built.
+    warn_all(preflight(cfg))
     from cola_megatron.errors import TrainingStopped
     from cola_megatron.training.checkpoint import plan_resume
     from cola_megatron.training.distributed import initialize_distributed
