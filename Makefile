@@ -47,5 +47,6 @@ test: $(STAMP)
 	$(MAKE) --no-print-directory corpus || echo "sample corpus unavailable: tests that need it will be skipped"
 	$(PYTHON) -m pytest -q tests
 
+# Only what `make demo` made: other runs save to checkpoints/ and log to runs/ too.
 clean:
-	rm -rf runs checkpoints data_cache/sample_corpus/bpe8192/index-cache
+	rm -rf runs/demo checkpoints/demo data_cache/sample_corpus/bpe8192/index-cache

@@ -629,6 +629,24 @@ def render_launch_file(kind: str, out_path: str, values: Dict[str, object]) -> N
 # Command line
 
 
+def _number(low: float, high: float = math.inf, low_open: bool = True, integer: bool = False):
+    """An argparse type: a finite number in (low, high] (or [low, high]); NaN, inf and zero-divisors are refused."""
+    def parse(text: str):
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {'whole ' if integer else ''}number, got {text!r}") from None
+        if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+            bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be a {'whole' if integer else 'finite'} number {bound}, got {text}")
+        return value
+    return parse
+
+
+POSITIVE, FRACTION, NON_NEGATIVE = _number(0), _number(0, 1), _number(0, low_open=False)
+COUNT, NON_NEGATIVE_COUNT = _number(0, integer=True), _number(0, low_open=False, integer=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="cola-plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -636,16 +654,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, as for cola-train")
     c = Cluster()
     g = p.add_argument_group("cluster")
-    g.add_argument("--nodes", type=int, default=c.nodes)
-    g.add_argument("--gpus-per-node", type=int, default=c.gpus_per_node)
-    g.add_argument("--gpu-memory-gib", type=float, default=c.gpu_memory_gib)
-    g.add_argument("--nvlink-gbs", type=float, default=c.nvlink_gbs, help="GB/s per GPU inside a node")
-    g.add_argument("--network-gbs", type=float, default=c.network_gbs, help="GB/s per GPU between nodes")
-    g.add_argument("--gpu-tflops", type=float, default=c.gpu_tflops, help="dense bf16 peak per GPU")
-    g.add_argument("--reserve-gib", type=float, default=c.reserve_gib,
+    g.add_argument("--nodes", type=COUNT, default=c.nodes)
+    g.add_argument("--gpus-per-node", type=COUNT, default=c.gpus_per_node)
+    g.add_argument("--gpu-memory-gib", type=POSITIVE, default=c.gpu_memory_gib)
+    g.add_argument("--nvlink-gbs", type=POSITIVE, default=c.nvlink_gbs, help="GB/s per GPU inside a node")
+    g.add_argument("--network-gbs", type=POSITIVE, default=c.network_gbs, help="GB/s per GPU between nodes")
+    g.add_argument("--gpu-tflops", type=POSITIVE, default=c.gpu_tflops, help="dense bf16 peak per GPU")
+    g.add_argument("--reserve-gib", type=NON_NEGATIVE, default=c.reserve_gib,
                    help="per-GPU memory for the CUDA context, NCCL and fragmentation")
-    g.add_argument("--gemm-efficiency", type=float, default=c.gemm_efficiency)
-    g.add_argument("--gemm-half-tokens", type=int, default=c.gemm_half_tokens)
+    g.add_argument("--gemm-efficiency", type=FRACTION, default=c.gemm_efficiency,
+                   help="fraction of peak large GEMMs reach, in (0, 1]")
+    g.add_argument("--gemm-half-tokens", type=NON_NEGATIVE_COUNT, default=c.gemm_half_tokens)
     s = p.add_argument_group("search")
     s.add_argument("--recompute", default=",".join(RECOMPUTE_MODES),
                    help="recompute modes to consider, comma-separated (default: all)")
@@ -654,11 +673,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="kernels to predict activations for (cpu: torch's composite RMSNorm)")
     o = p.add_argument_group("output")
-    o.add_argument("--top", type=int, default=15, help="layouts to print")
+    o.add_argument("--top", type=COUNT, default=15, help="layouts to print")
     o.add_argument("--json", action="store_true", help="print JSON instead of a table")
     o.add_argument("--render-slurm", metavar="PATH", help="write an sbatch script for the best layout")
     o.add_argument("--render-k8s", metavar="PATH", help="write a Kubeflow PyTorchJob for the best layout")
     o.add_argument("--job-name", help="job name in rendered files (default: from the config path)")
+    o.add_argument("--overwrite", action="store_true", help="replace existing --render-slurm / --render-k8s files")
     return p
 
 
@@ -705,6 +725,23 @@ def _command(args, flag: str, out_path: str) -> str:
     return " ".join([*parts, *args.overrides, flag, out_path])
 
 
+def check_launch_outputs(paths: Sequence[str], overwrite: bool) -> None:
+    """Before any work: each launch file's directory exists, and an existing file is replaced only when asked."""
+    if len(set(map(os.path.abspath, paths))) < len(paths):
+        raise ConfigError("--render-slurm and --render-k8s name the same file. Fix: give each its own path")
+    for path in paths:
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise ConfigError(f"{path} is a directory. Fix: give the launch file's path, e.g. {path}/job.sbatch")
+        if not os.path.isdir(folder):
+            raise ConfigError(f"cannot write {path}: directory {folder} does not exist. Fix: create it or "
+                              "choose another path")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot write {path}: {folder} is not writable. Fix: choose a writable location")
+        if os.path.lexists(path) and not overwrite:
+            raise ConfigError(f"{path} already exists. Fix: pass --overwrite to replace it, or choose another path")
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib, args.nvlink_gbs, args.network_gbs,
@@ -714,6 +751,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if cluster.nodes < 1 or cluster.gpus_per_node < 1 or bad or not modes:
         raise ConfigError(f"--nodes and --gpus-per-node must be >= 1 and --recompute a list of "
                           f"{', '.join(RECOMPUTE_MODES)}. Fix: correct those options")
+    if cluster.reserve_gib >= cluster.gpu_memory_gib:
+        raise ConfigError(f"--reserve-gib {cluster.reserve_gib:g} leaves nothing of --gpu-memory-gib "
+                          f"{cluster.gpu_memory_gib:g}. Fix: lower --reserve-gib")
+    check_launch_outputs([p for p in (args.render_slurm, args.render_k8s) if p], args.overwrite)
     cfg = load_config(args.config, args.overrides, world_size=cluster.world_size if args.evaluate else None)
     if args.evaluate:
         estimates = [estimate(cfg, layout_of(cfg, cluster.world_size), cluster, args.device)]

@@ -138,11 +138,15 @@ class IndexedWriter:
         self._builder = IndexedDatasetBuilder(self._tmp_bin, dtype=self.dtype)
         self.num_documents = 0
         self.num_tokens = 0
+        self.max_token_id = -1
+        """Recorded in .meta.json: the training checks read it where scanning the .bin would take too long."""
 
     def add_document(self, token_ids: np.ndarray) -> None:
         self._builder.add_document(token_ids, [len(token_ids)])
         self.num_documents += 1
         self.num_tokens += len(token_ids)
+        if len(token_ids):
+            self.max_token_id = max(self.max_token_id, int(token_ids.max()))
 
     def finalize(self, meta: dict) -> IndexInfo:
         if self.num_documents == 0:

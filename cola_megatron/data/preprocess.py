@@ -15,6 +15,7 @@ from typing import Optional
 
 from cola_megatron.cli import ArgumentParser, run_command
 from cola_megatron.errors import DataError
+from cola_megatron.data.indexed import bin_path, idx_path, meta_path
 from cola_megatron.data.sources import SAMPLE_BY, check_sources, iter_text_batches, resolve_inputs
 
 
@@ -22,10 +23,44 @@ def _log(message: str) -> None:
     print(f"[cola-preprocess] {message}", file=sys.stderr, flush=True)
 
 
+def _writable_parent(path: str, flag: str) -> None:
+    """The directory ``path`` goes into exists and is writable, or can be created."""
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise DataError(f"{flag} {path}: {probe} is a file, not a directory; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DataError(f"{flag} {path}: {probe} is not writable; choose a writable location")
+
+
+def check_outputs(output_prefix: Optional[str], train_tokenizer: Optional[str], overwrite: bool) -> None:
+    """Refuse to replace existing outputs unless asked (a corpus or tokenizer can take hours to rebuild)."""
+    if output_prefix is not None:
+        if output_prefix.endswith((".bin", ".idx")) or os.path.isdir(output_prefix):
+            raise DataError(f"--output-prefix {output_prefix}: give a prefix such as data/train (PREFIX.bin and "
+                            "PREFIX.idx are written), not a file name or directory")
+        _writable_parent(output_prefix, "--output-prefix")
+        existing = [p for p in (bin_path(output_prefix), idx_path(output_prefix), meta_path(output_prefix))
+                    if os.path.lexists(p)]
+        if existing and not overwrite:
+            raise DataError(f"--output-prefix {output_prefix}: {', '.join(existing)} already exist; pass "
+                            "--overwrite to replace them, or choose another prefix")
+    if train_tokenizer is not None:
+        if os.path.isdir(train_tokenizer):
+            raise DataError(f"--train-tokenizer {train_tokenizer} is a directory; give the tokenizer.json path")
+        _writable_parent(train_tokenizer, "--train-tokenizer")
+        if os.path.lexists(train_tokenizer) and not overwrite:
+            raise DataError(f"--train-tokenizer {train_tokenizer} already exists; pass --overwrite to replace it, "
+                            "use it with --tokenizer, or choose another path")
+
+
 def train_tokenizer_on(inputs: list[str], save_path: str, vocab_size: int, *, text_key: str = "text",
                        text_sample_by: str = "document", min_frequency: int = 2,
-                       hub_split: str = "train", hub_config: Optional[str] = None) -> str:
+                       hub_split: str = "train", hub_config: Optional[str] = None,
+                       overwrite: bool = False) -> str:
     """Train a byte-level BPE on the inputs and save it as a tokenizer.json; returns its path."""
+    check_outputs(None, save_path, overwrite)
     sources = resolve_inputs(inputs)
     check_sources(sources, text_key, hub_split, hub_config)
     return _train_on(sources, save_path, vocab_size, text_key, text_sample_by, min_frequency,
@@ -50,11 +85,11 @@ def preprocess(inputs: list[str], output_prefix: str, *, tokenizer: Optional[str
                train_tokenizer: Optional[str] = None, vocab_size: int = 32000, min_frequency: int = 2,
                text_key: str = "text", text_sample_by: str = "document", workers: int = 2,
                batch_size: int = 256, hub_split: str = "train", hub_config: Optional[str] = None,
-               append_eod: bool = True, progress: bool = True):
+               append_eod: bool = True, progress: bool = True, overwrite: bool = False):
     """Tokenize `inputs` into `output_prefix.bin/.idx` (+ `.meta.json`); returns an `IndexInfo`.
 
     Give either `tokenizer` (an existing tokenizer.json) or `train_tokenizer` (where to save one
-    trained on these inputs with `vocab_size` tokens).
+    trained on these inputs with `vocab_size` tokens). Existing outputs are replaced only with `overwrite`.
     """
     if (tokenizer is None) == (train_tokenizer is None):
         raise DataError("give exactly one of --tokenizer (existing tokenizer.json) or "
@@ -63,6 +98,10 @@ def preprocess(inputs: list[str], output_prefix: str, *, tokenizer: Optional[str
         raise DataError(f"--workers and --batch-size must be >= 1, got {workers} and {batch_size}")
     if text_sample_by not in SAMPLE_BY:
         raise DataError(f"--text-sample-by must be one of {SAMPLE_BY}, got {text_sample_by!r}")
+    if tokenizer is not None and not os.path.isfile(tokenizer):
+        raise DataError(f"--tokenizer {tokenizer} does not exist; give an existing tokenizer.json, or train one "
+                        "with --train-tokenizer PATH")
+    check_outputs(output_prefix, train_tokenizer, overwrite)
     sources = resolve_inputs(inputs)
     check_sources(sources, text_key, hub_split, hub_config)
     if train_tokenizer is not None:
@@ -76,7 +115,8 @@ def preprocess(inputs: list[str], output_prefix: str, *, tokenizer: Optional[str
     from cola_megatron.data.tokenizer import TokenizerAdapter
 
     adapter = TokenizerAdapter(tokenizer)
-    batches = iter_text_batches(sources, text_key, text_sample_by, batch_size, hub_split, hub_config)
+    skipped: dict = {}
+    batches = iter_text_batches(sources, text_key, text_sample_by, batch_size, hub_split, hub_config, skipped)
     writer = IndexedWriter(output_prefix, adapter.vocab_size)
     start = time.time()
     bar = tqdm(unit="doc", desc="tokenizing", disable=not progress, file=sys.stderr, dynamic_ncols=True)
@@ -90,13 +130,18 @@ def preprocess(inputs: list[str], output_prefix: str, *, tokenizer: Optional[str
                             refresh=False)
         meta = {"tokenizer": os.path.abspath(tokenizer), "tokenizer_sha256": adapter.sha256,
                 "vocab_size": adapter.vocab_size, "eod_id": adapter.eod, "append_eod": append_eod,
-                "inputs": list(inputs), "text_key": text_key, "text_sample_by": text_sample_by}
+                "inputs": list(inputs), "text_key": text_key, "text_sample_by": text_sample_by,
+                "max_token_id": writer.max_token_id, "skipped_null_records": skipped["null"],
+                "skipped_blank_records": skipped["blank"]}
         info = writer.finalize(meta)
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
+    if skipped["null"]:
+        _log(f"skipped {skipped['null']} records whose {text_key!r} is null (recorded in "
+             f"{meta_path(output_prefix)}); check the input, or pass --text-key if the text is in another field")
     elapsed = max(time.time() - start, 1e-9)
     _log(f"{info.num_documents} documents, {info.num_tokens} tokens in {elapsed:.1f}s "
          f"({info.num_documents / elapsed:,.0f} docs/s, {info.num_tokens / elapsed:,.0f} tokens/s) "
@@ -128,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hub-config", default=None)
     parser.add_argument("--no-eod", action="store_true", help="do not append end-of-document tokens")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing PREFIX.bin/.idx/.meta.json and --train-tokenizer file")
     return parser
 
 
@@ -138,7 +185,7 @@ def _main(argv: Optional[list[str]]) -> int:
                min_frequency=args.min_frequency, text_key=args.text_key,
                text_sample_by=args.text_sample_by, workers=args.workers,
                batch_size=args.batch_size, hub_split=args.hub_split, hub_config=args.hub_config,
-               append_eod=not args.no_eod, progress=not args.no_progress)
+               append_eod=not args.no_eod, progress=not args.no_progress, overwrite=args.overwrite)
     return 0
 
 

@@ -149,7 +149,7 @@ def check_sources(sources: list[Source], text_key: str, hub_split: str = "train"
 def _load(source: Source, text_sample_by: str, hub_split: str, hub_config: Optional[str]):
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # reader errors are re-raised as one DataError
     datasets.disable_progress_bars()
     if source.builder == "hub":
         if source.opened is not None:
@@ -165,26 +165,86 @@ def _load(source: Source, text_sample_by: str, hub_split: str, hub_config: Optio
                                  streaming=True, **kwargs)
 
 
+def _first_bad_line(lines) -> Optional[str]:
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"line {number} is not a JSON record ({error.msg}, column {error.colno})"
+            except UnicodeDecodeError as error:
+                return f"line {number} is not UTF-8 ({error.reason})"
+    return None
+
+
+def _json_error(path: str) -> Optional[str]:
+    """Where a JSON input first fails to parse ('line N is not ...'), or None when it parses."""
+    with _open_binary(path) as f:
+        if not path.endswith((".json", ".json.gz")):  # JSON Lines: one record per line
+            return _first_bad_line(f)
+        text = f.read()
+    try:
+        json.loads(text)
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        lines = text.splitlines()
+        first = next((line for line in lines if line.strip()), b"")
+        try:
+            json.loads(first)  # the first line is a record by itself: JSON Lines in a .json file
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"line {getattr(error, 'lineno', '?')} is not valid JSON ({error})"
+        return _first_bad_line(lines)
+
+
+def _read_error(source: Source, error: Exception) -> DataError:
+    """A reader's failure (e.g. pyarrow's 'JSON parse error ... in row 50') as one line naming file and line."""
+    if source.builder == "json":
+        for path in source.files:
+            where = _json_error(path)
+            if where:
+                return DataError(f"{path}: {where}; fix or remove that line")
+    what = source.hub_name or ", ".join(source.files[:3])
+    return DataError(f"could not read {what}: {' '.join(str(error).split())[:300]}; check that the input is "
+                     f"valid {source.builder}")
+
+
 def iter_text_batches(sources: list[Source], text_key: str = "text", text_sample_by: str = "document",
                       batch_size: int = 256, hub_split: str = "train",
-                      hub_config: Optional[str] = None) -> Iterator[list[str]]:
-    """Yield lists of non-blank documents, in input order (deterministic)."""
+                      hub_config: Optional[str] = None, skipped: Optional[dict] = None) -> Iterator[list[str]]:
+    """Yield lists of non-blank documents, in input order (deterministic).
+
+    ``skipped`` (a dict) counts the records left out: ``null`` (no text) and ``blank`` (whitespace only).
+    """
     if text_sample_by not in SAMPLE_BY:
         raise DataError(f"text_sample_by must be one of {SAMPLE_BY}, got {text_sample_by!r}")
+    counts = skipped if skipped is not None else {}
+    counts.setdefault("null", 0)
+    counts.setdefault("blank", 0)
     for source in sources:
         dataset = _load(source, text_sample_by, hub_split, hub_config)
         column = "text" if source.builder == "text" else text_key
         where = source.hub_name or ", ".join(source.files[:3])
-        for batch in dataset.iter(batch_size=batch_size):
+        batches = iter(dataset.iter(batch_size=batch_size))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as error:  # pyarrow / datasets reader errors carry no file name or line
+                raise _read_error(source, error) from None
             if column not in batch:
                 raise DataError(f"{where}: no field {column!r} (found {sorted(batch)}); pass --text-key NAME")
             texts = []
             for text in batch[column]:
                 if text is None:
+                    counts["null"] += 1
                     continue
                 if not isinstance(text, str):
-                    raise DataError(f"{where}: field {column!r} holds {type(text).__name__}, not text")
+                    raise DataError(f"{where}: field {column!r} holds {type(text).__name__}, not text; "
+                                    "pass --text-key NAME of the text field")
                 if text.strip():
                     texts.append(text)
+                else:
+                    counts["blank"] += 1
             if texts:
                 yield texts
