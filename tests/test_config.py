@@ -4,11 +4,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from cola_megatron.config import ConfigError, config_from_dict, load_config, parse_overrides
 from cola_megatron.models.accounting import count_parameters
+
+REPO = Path(__file__).resolve().parents[1]
 
 # docs/design.md §2: parameter counts with an untied head, V = 32000 (millions).
 PAPER_COUNTS = {
@@ -159,3 +162,21 @@ def test_dry_run_validates_and_allocates_nothing(config):
     assert "tensor_parallel=" in out.stdout
     rss = int(out.stdout.split("maxrss_mib")[1].split()[0])
     assert rss < 2048, f"dry run used {rss} MiB"
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in REPO.glob("configs/[cd]*/*.yaml")))
+def test_shipped_configs_pass_the_memory_bound_and_absurd_sequences_do_not(config):
+    """The up-front memory bound (one micro-batch's activations vs the largest accelerator) never refuses a paper
+    config at its own layout, and refuses a 10M-token sequence."""
+    from cola_megatron.training.preflight import check_memory
+
+    check_memory(load_config(str(REPO / config)))
+    with pytest.raises(ConfigError, match="more than any accelerator holds"):
+        check_memory(load_config(str(REPO / config), ["model.seq_length=10000000"]))
+
+
+def test_duplicate_keys_are_refused_in_included_files_too(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  seed: 1\n  seed: 2\n")
+    (tmp_path / "run.yaml").write_text("include: base.yaml\ndata: {mock: true}\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: key 'seed' appears twice \(lines 2 and 3\)"):
+        load_config(str(tmp_path / "run.yaml"))

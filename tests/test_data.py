@@ -488,3 +488,27 @@ def test_cached_sample_corpus_reads_back():
     ids = valid[0]["tokens"].tolist()
     ids = ids[: ids.index(tokenizer.eod)] if tokenizer.eod in ids else ids
     assert document["text"].startswith(tokenizer.detokenize(ids))
+
+
+def test_a_bad_json_record_is_located_by_line(tmp_path):
+    from cola_megatron.data.sources import _json_error  # what names the line in cola-preprocess's message
+
+    lines = tmp_path / "a.jsonl"
+    lines.write_text('{"text": "a"}\n\n{"text": "b"\n{"text": "c"}\n')
+    assert _json_error(str(lines)).startswith("line 3 is not a JSON record")
+    array = tmp_path / "b.json"
+    array.write_text('[\n  {"text": "a"},\n  {"text": "b",}\n]\n')
+    assert _json_error(str(array)).startswith("line 3 is not valid JSON")
+    json_lines = tmp_path / "c.json"
+    json_lines.write_text('{"text": "a"}\n{"text": "b"}\n{"text": \n')
+    assert _json_error(str(json_lines)).startswith("line 3 is not a JSON record")
+    good = tmp_path / "d.jsonl"
+    good.write_text('{"text": "a"}\n{"text": null}\n')
+    assert _json_error(str(good)) is None
+
+
+def test_token_range_sees_negative_ids_in_signed_files(tmp_path):
+    from cola_megatron.data.indexed import token_id_range
+
+    np.array([5, -3, 7, 2], dtype=np.int32).tofile(tmp_path / "x.bin")
+    assert token_id_range(str(tmp_path / "x"), "int32", chunk_tokens=3) == (-3, 7)
