@@ -64,13 +64,15 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         dry_run(cfg, world_size)
         warn_all(preflight(cfg))  # the files: data, tokenizer, output directories (the same checks a run makes)
         return 0
-    from cola_megatron.training.distributed import destroy_distributed
     from cola_megatron.training.run import run
 
     try:
         run(cfg)
     finally:
-        destroy_distributed()
+        if "torch.distributed" in sys.modules:  # not when the up-front checks stopped the run before torch
+            from cola_megatron.training.distributed import destroy_distributed
+
+            destroy_distributed()
     return 0
 
 
