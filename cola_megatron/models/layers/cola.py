@@ -42,6 +42,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
+from cola_megatron.models.layers import ops
+
 SCHEMES = ("bottleneck", "pair")
 
 
@@ -153,12 +155,12 @@ class _CoLASlot(MegatronModule):
         n, r, d = self.a_weight.shape
         return self.a_weight.view(n * r, d)
 
-    def _branches(self, activated: torch.Tensor) -> list:
-        """Apply each branch's B to its slice of the activated bottleneck."""
+    def _branches(self, z: torch.Tensor) -> list:
+        """Apply each branch's B to σ of its slice of the bottleneck pre-activation (z is stored, σ(z) is not)."""
         # split/unbind rather than indexing: their backward writes each slice's gradient once, where indexing
         # zero-fills a full-size gradient per branch.
         r = self.b_weight.shape[2]
-        return [F.linear(a, b) for a, b in zip(activated.split(r, dim=-1), self.b_weight.unbind(0))]
+        return [ops.silu_linear(a, b) for a, b in zip(z.split(r, dim=-1), self.b_weight.unbind(0))]
 
     # The forward is split into encode (A, up to the pre-activation z) and decode (σ and B) so that CoLA-M
     # (cola_megatron.models.layers.cola_m) can store z and re-run only the decode side.
@@ -206,16 +208,20 @@ class _CoLAColumn(_CoLASlot):
         return x if self.scheme == "bottleneck" else self._to_tensor_parallel_region(x)
 
     def decode_branches(self, z: torch.Tensor) -> list:
-        """This rank's output shard of each branch (q, k, v or gate, up), not yet interleaved."""
-        activated = F.silu(z)
+        """This rank's output shard of each branch (q, k, v or gate, up) as separate tensors, not interleaved
+        (the attention and MLP modules of cola_megatron.models.layers take them as they are)."""
         if self.scheme == "bottleneck":
-            return self._branches(self._to_tensor_parallel_region(activated))
-        branches = self._branches(activated)  # full width, partial sums over the rank shards
+            # σ is elementwise, so gathering z instead of σ(z) moves the same bytes and lets B's backward rebuild
+            # σ from the one stored tensor.
+            return self._branches(self._to_tensor_parallel_region(z))
+        branches = self._branches(z)  # full width, partial sums over the rank shards
         if self.tp_size == 1:
             return branches
         return [reduce_scatter_last_dim_to_tensor_parallel_region(b, group=self.tp_group) for b in branches]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        # megatron's slot contract (one interleaved tensor); this project's attention and MLP call
+        # decode_branches instead and skip the copy.
         return _interleave(self.decode_branches(z), self._groups())
 
 
@@ -243,7 +249,7 @@ class _CoLARow(_CoLASlot):
         return x
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return _reduce(F.linear(F.silu(z), self.b_weight[0]), self.output_reduction, self.tp_group)
+        return _reduce(ops.silu_linear(z, self.b_weight[0]), self.output_reduction, self.tp_group)
 
 
 class CoLAQKV(_CoLAColumn):
