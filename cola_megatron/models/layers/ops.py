@@ -1,7 +1,8 @@
 """Autograd ops that save for backward only what their backward needs.
 
 ``silu_linear(z, B) = B · σ(z)`` saves z and rebuilds σ(z) in backward (one elementwise op) instead of keeping
-both z (σ's input) and σ(z) (the GEMM's input). ``glu(gate, up)`` is the GLU product ``act(gate) · up`` saving
+both z (σ's input) and σ(z) (the GEMM's input); the autograd graph is otherwise the plain composition's, so
+gradients are computed in the same order. ``glu(gate, up)`` is the GLU product ``act(gate) · up`` saving
 gate and up, not also act(gate) (and no ``up + 0`` copy, as megatron's unfused GLU makes). Both compute the
 same values and gradients with the same kernels as the plain compositions.
 """
@@ -17,27 +18,35 @@ def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class _SiLULinear(torch.autograd.Function):
+class _LinearOfSiLU(torch.autograd.Function):
+    """``F.linear(a, weight)`` for ``a = σ(z)``: saves z (which σ's own backward keeps anyway) instead of a."""
+
     @staticmethod
-    def forward(ctx, z, weight):
+    def forward(ctx, activated, weight, z):
         ctx.save_for_backward(z, weight)
-        return F.linear(F.silu(z), weight)
+        return F.linear(activated, weight)
 
     @staticmethod
     def backward(ctx, grad):
         z, weight = ctx.saved_tensors
-        grad_z = grad_weight = None
+        grad_activated = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_z = torch.ops.aten.silu_backward(grad.matmul(weight), z)
+            grad_activated = grad.matmul(weight)
         if ctx.needs_input_grad[1]:
             activated = F.silu(z)
             grad_weight = grad.reshape(-1, grad.shape[-1]).t().matmul(activated.reshape(-1, activated.shape[-1]))
-        return grad_z, grad_weight
+        return grad_activated, grad_weight, None
+
+
+def linear_of_silu(activated: torch.Tensor, weight: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``F.linear(activated, weight)`` where ``activated`` holds σ(z) (after any communication that only moves
+    it), storing z for backward instead of activated."""
+    return _LinearOfSiLU.apply(activated, weight, z)
 
 
 def silu_linear(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(F.silu(z), weight)``, storing z only."""
-    return _SiLULinear.apply(z, weight)
+    """``F.linear(F.silu(z), weight)``, storing z only (σ's backward and the GEMM's share it)."""
+    return linear_of_silu(F.silu(z), weight, z)
 
 
 class _GLU(torch.autograd.Function):
