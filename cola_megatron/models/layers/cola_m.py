@@ -258,7 +258,9 @@ def _residual_branch_backward(branch: Callable, residual: torch.Tensor, grad_out
     wanted = [p for p, need in zip(params, needs) if need]
     with torch.enable_grad():
         leaf = residual.detach().requires_grad_()
-        root = branch(leaf)
+        # The branch reads a view of the leaf, not the leaf: module hooks that watch their inputs' gradients
+        # (torch's ModuleTracker, so FlopCounterMode) cannot be registered on a leaf inside autograd.grad.
+        root = branch(leaf.view_as(leaf))
         grads = torch.autograd.grad(root, [leaf, *wanted], grad_out, allow_unused=True)
     by_param = iter(grads[1:])
     return grads[0], [next(by_param) if need else None for need in needs]
