@@ -2,8 +2,8 @@
 
 Each variant is a real :class:`~cola_megatron.training.trainer.Trainer` (megatron schedule, DDP, optimizer with fp32 master
 weights, bf16 compute on GPU) on mock data, built one after the other in the same process on the same device; a
-step is forward, backward and the optimizer update. Reported per variant: step time, tokens/s, model TFLOP/s, MFU
-and peak memory, then each variant's ratios to the baseline (the first variant).
+step is forward, backward and the optimizer update. Reported per variant: step time, tokens/s, model TFLOP/s, MFU,
+HFU (recomputation counted) and peak memory, then each variant's ratios to the baseline (the first variant).
 
     cola-bench --config configs/cola/llama_1b.yaml --variants cola,dense,cola_m --layers 8 --micro-batch 32
     cola-bench --tiny                        # CPU smoke run of the harness
@@ -32,6 +32,7 @@ VARIANTS = {
     "dense_compile": {"arch": "dense", "recompute": "none", "torch_compile": True},
     "dense": {"arch": "dense", "recompute": "none"},
     "cola_m": {"arch": "cola", "recompute": "cola_m"},
+    "cola_m_compile": {"arch": "cola", "recompute": "cola_m", "torch_compile": True},
     "cola_full": {"arch": "cola", "recompute": "full"},
     "dense_full": {"arch": "dense", "recompute": "full"},
 }
@@ -47,6 +48,8 @@ class Result:
     tokens_per_s: float
     tflops_per_gpu: float
     mfu: Optional[float]
+    hfu: Optional[float]
+    """Hardware FLOP utilisation: model FLOPs plus recomputation (models.accounting.hardware_flops_per_token)."""
     peak_mem_gib: Optional[float]
     """CUDA's peak allocation during this variant; None on CPU, where only the process-wide peak is known."""
     params_m: float
@@ -106,13 +109,15 @@ def bench_variant(cfg: Config, variant: str, device: torch.device, warmup: int, 
         trainer.train_step()
     seconds = stop()
     tokens = steps * cfg.train.global_batch_size * cfg.model.seq_length
-    rates = throughput(tokens, seconds, 1, trainer.flops_per_token, peak_tflops(cfg.logging.peak_tflops))
+    rates = throughput(tokens, seconds, 1, trainer.flops_per_token, peak_tflops(cfg.logging.peak_tflops),
+                       trainer.hardware_flops_per_token)
     result = Result(
         variant=variant,
         step_ms=1e3 * seconds / steps,
         tokens_per_s=rates["tokens_per_s"],
         tflops_per_gpu=rates["tflops_per_gpu"],
         mfu=rates["mfu"],
+        hfu=rates["hfu"],
         peak_mem_gib=peak_memory_gib(device) if device.type == "cuda" else None,
         params_m=count_parameters(cfg.model).total / 1e6,
         losses=list(trainer.history),
@@ -124,12 +129,14 @@ def bench_variant(cfg: Config, variant: str, device: torch.device, warmup: int, 
 
 def format_report(results: List[Result], header: Dict[str, str]) -> List[str]:
     lines = [" | ".join(f"{k} {v}" for k, v in header.items()), ""]
-    lines.append(f"{'variant':<12}{'params':>10}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU %':>8}{'peak GiB':>10}")
+    lines.append(f"{'variant':<15}{'params':>10}{'step ms':>10}{'tokens/s':>12}{'TFLOP/s':>10}{'MFU %':>8}"
+                 f"{'HFU %':>8}{'peak GiB':>10}")
     for r in results:
         mfu = f"{r.mfu:.1f}" if r.mfu is not None else "n/a"
+        hfu = f"{r.hfu:.1f}" if r.hfu is not None else "n/a"
         mem = f"{r.peak_mem_gib:.2f}" if r.peak_mem_gib is not None else "n/a"
-        lines.append(f"{r.variant:<12}{r.params_m:>9.1f}M{r.step_ms:>10.1f}{r.tokens_per_s:>12.0f}"
-                     f"{r.tflops_per_gpu:>10.2f}{mfu:>8}{mem:>10}")
+        lines.append(f"{r.variant:<15}{r.params_m:>9.1f}M{r.step_ms:>10.1f}{r.tokens_per_s:>12.0f}"
+                     f"{r.tflops_per_gpu:>10.2f}{mfu:>8}{hfu:>8}{mem:>10}")
     base = results[0]
     lines.append("")
     for r in results[1:]:

@@ -15,8 +15,8 @@ Memory (bytes per GPU, megatron-core with this project's layers; docs/launching.
   The distributed optimizer divides the optimizer part by DP.
 - activations: what autograd saves for backward (unique storages) at the step's peak. Per layer and token of a
   micro-batch, with SDPA flash attention and a fused RMSNorm (GPU): the layer input, both norm outputs, h, the
-  attention's q, k (after RoPE), the q|k|v tensor (v is a view of it), the attention output, the GLU tensors
-  (gate|up, σ(gate), up, product) and for CoLA each slot's z = A·x and σ(z). ``cola_m`` keeps 2d + 7r and
+  attention's q, k (after RoPE), v, the attention output, the GLU's gate, up and product and for CoLA each slot's
+  z = A·x (σ(z) is rebuilt in backward): 8d + 7r + 3f elements at TP1. ``cola_m`` keeps 2d + 7r and
   recomputes one residual branch at a time; ``full`` keeps the layer input d and recomputes one layer. The first
   pipeline stage holds up to PP micro-batches in flight (interleaved: ``2(PP-1) + (VP-1)·PP + 1`` chunk passes).
 - pipeline buffers (each in-flight micro-batch's stage output) and a workspace estimate (logits and gradient
@@ -243,23 +243,26 @@ def layer_activations(cfg: Config, tp: int, sequence_parallel: bool, device: str
     heads, head_dim, s = m.num_attention_heads, m.hidden_size // m.num_attention_heads, m.seq_length
     sp = tp if sequence_parallel else 1
     norm, shares = _rms_norm(d, sp, act, device)
-    silu_glu = not (m.arch == "cola" and m.only_lr_act)
-    # Attention core on this rank's heads over the whole sequence: the q|k|v tensor (v is a view of it), q and k
-    # after RoPE, the output (its reshape is a view, the proj input); the fp32 log-sum-exp per head.
-    core = act * ((d + 2 * kv) + d + kv + d) / tp + FP32 * heads / tp
-    # megatron's GLU: gate|up (σ's input), σ(gate) (not with only_lr_act), up + offset, the product (fc2's input).
-    glu = act * (5 if silu_glu else 4) * f / tp
+    # Attention core on this rank's heads over the whole sequence: q and k after RoPE, v (a tensor of its own:
+    # the CoLA branch output, or the dense q|k|v output's copy), the output (its reshape is a view, the proj
+    # input); the fp32 log-sum-exp per head. The q|k|v GEMM output itself is freed after RoPE.
+    core = act * (d + kv + kv + d) / tp + FP32 * heads / tp
+    # The GLU (models/layers/ops.glu): gate and up (σ(gate) is rebuilt in backward), the product (fc2's input).
+    glu = act * 3 * f / tp
     norm_outputs = act * 2 * d / sp  # inputs of the q|k|v and gate|up projections
     cola = 0.0
     if m.arch == "cola":
-        # Column slots (q|k|v: 3r, gate|up: 2r) save z on this rank's tokens and σ(z) over the whole sequence;
-        # row slots (o, down) save z and σ(z) on this rank's tokens.
-        cola = act * (5 * r / sp + 5 * r + 4 * r / sp)
+        # Each B GEMM saves its z (σ(z) is rebuilt in backward): the column slots' (q|k|v: 3r, gate|up: 2r) z
+        # gathered over the whole sequence, the row slots' (o, down) z on this rank's tokens.
+        cola = act * (5 * r + 2 * r / sp)
     full = 2 * norm + norm_outputs + core + glu + cola
     shared = act * d / sp if shares else 0.0
-    mlp_branch = norm - shared + act * (d / sp + 2 * r + (4 if silu_glu else 3) * f / tp + r / sp)
+    # While CoLA-M rebuilds a branch, the column z it reads is the kept one, except under sequence parallelism
+    # (then its gather over the whole sequence is new); the row slot's rebuilt σ(z) feeds its weight gradient.
+    gathered = 1.0 if sp > 1 else 0.0
+    mlp_branch = norm - shared + act * (d / sp + gathered * 2 * r + 3 * f / tp + r / sp)
     # The rebuilt q, k, v are separate tensors; q and k are saved after RoPE, v and the output by SDPA.
-    attention_branch = (norm - shared + act * (d / sp + 3 * r + (2 * d + 2 * kv) / tp + r / sp)
+    attention_branch = (norm - shared + act * (d / sp + gathered * 3 * r + (2 * d + 2 * kv) / tp + r / sp)
                         + FP32 * heads / tp)
     return LayerActivations(
         full=full,

@@ -79,3 +79,31 @@ def training_flops_per_token(m: ModelConfig, seq_length: Optional[int] = None) -
     """
     s = seq_length or m.seq_length
     return 6.0 * count_parameters(m).non_embedding + 12.0 * m.num_layers * s * m.hidden_size
+
+
+def recompute_flops_per_token(m: ModelConfig, recompute: Optional[str] = None,
+                              seq_length: Optional[int] = None) -> float:
+    """Forward FLOPs that a recompute mode runs again in backward, per training token (GEMMs and the attention
+    core; elementwise work, and the score recomputation inside flash attention's own backward, not counted).
+
+    ``full`` (megatron's per-layer recompute) re-runs every layer's forward: 2 FLOPs per layer GEMM weight plus the
+    attention core's 4·s·d. ``cola_m`` re-runs only the B projections that feed the attention core and the GLU
+    (q|k|v: r·(d + 2·kv) weights, gate|up: 2·r·f) and the attention core; the A projections and the B of o and
+    down are not re-run (docs/design.md §4). ``none``: 0.
+    """
+    mode = recompute or m.recompute
+    s = seq_length or m.seq_length
+    d, f, r, kv = m.hidden_size, m.padded_ffn_hidden_size, m.rank, kv_width(m)
+    attention = 4.0 * s * d
+    if mode == "full":
+        gemm_weights = layer_parameters(m).total - layer_parameters(m).norms
+        return m.num_layers * (2.0 * gemm_weights + attention)
+    if mode == "cola_m":
+        return m.num_layers * (2.0 * r * (d + 2 * kv + 2 * f) + attention)
+    return 0.0
+
+
+def hardware_flops_per_token(m: ModelConfig, seq_length: Optional[int] = None) -> float:
+    """Hardware FLOPs of one training token: the model FLOPs plus what ``m.recompute`` re-runs. MFU divides model
+    FLOPs by the step time, HFU these (Megatron, PaLM): they differ by exactly the recomputation."""
+    return training_flops_per_token(m, seq_length) + recompute_flops_per_token(m, m.recompute, seq_length)

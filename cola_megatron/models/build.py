@@ -9,12 +9,8 @@ import torch.nn.functional as F
 
 from cola_megatron.compat.megatron import pipeline_p2p_flags
 from cola_megatron.config import Config
+from cola_megatron.models.layers.ops import identity
 from cola_megatron.models.layers.transformer_config import CoLATransformerConfig
-
-
-def identity(x: torch.Tensor) -> torch.Tensor:
-    """The GLU 'activation' of only_lr_act: down(gate(x) * up(x))."""
-    return x
 
 
 def params_dtype(cfg: Config) -> torch.dtype:

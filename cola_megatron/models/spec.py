@@ -8,21 +8,24 @@ from __future__ import annotations
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from cola_megatron.models.layers.attention import SDPAttention
+from cola_megatron.models.layers.attention import SDPAttention, SeparateQKVSelfAttention
 from cola_megatron.models.layers.cola import CoLAFC1, CoLAFC2, CoLAProj, CoLAQKV
 from cola_megatron.models.layers.norm import RMSNorm
 from cola_megatron.models.layers.cola_m import CoLAMTransformerLayer
+from cola_megatron.models.layers.mlp import GLUMLP
 
 CORE_ATTENTION = {"sdpa": SDPAttention, "megatron": DotProductAttention}
+# megatron's SelfAttention and MLP with the q|k|v and GLU paths that store less (same parameters and keys).
+SELF_ATTENTION, MLP_MODULE = SeparateQKVSelfAttention, GLUMLP
 
 
 def layer_spec(arch: str = "cola", attention: str = "sdpa", recompute: str = "none") -> ModuleSpec:
@@ -41,7 +44,7 @@ def layer_spec(arch: str = "cola", attention: str = "sdpa", recompute: str = "no
         submodules=TransformerLayerSubmodules(
             input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=SELF_ATTENTION,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv,
@@ -53,7 +56,7 @@ def layer_spec(arch: str = "cola", attention: str = "sdpa", recompute: str = "no
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp=ModuleSpec(module=MLP_MODULE, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
             mlp_bda=get_bias_dropout_add,
         ),
     )

@@ -50,14 +50,17 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def throughput(tokens: int, seconds: float, world_size: int, flops_per_token: float,
-               peak: Optional[float]) -> Dict[str, Optional[float]]:
+               peak: Optional[float], hardware_flops_per_token: Optional[float] = None) -> Dict[str, Optional[float]]:
+    """MFU from model FLOPs; HFU from hardware FLOPs (model FLOPs plus recomputation), when given."""
     tokens_per_s = tokens / max(seconds, 1e-9)
     tflops_per_gpu = tokens_per_s * flops_per_token / world_size / 1e12
+    hardware = hardware_flops_per_token or flops_per_token
     return {
         "tokens_per_s": tokens_per_s,
         "tokens_per_s_per_gpu": tokens_per_s / world_size,
         "tflops_per_gpu": tflops_per_gpu,
         "mfu": 100.0 * tflops_per_gpu / peak if peak else None,
+        "hfu": 100.0 * tokens_per_s * hardware / world_size / 1e12 / peak if peak else None,
     }
 
 
@@ -71,6 +74,7 @@ def format_train_line(m: Dict[str, Any], train_iters: int) -> str:
         f"tok/s {m['tokens_per_s']:.4g} ({m['tokens_per_s_per_gpu']:.4g}/gpu)",
         f"TFLOP/s/gpu {m['tflops_per_gpu']:.2f}",
         f"MFU {m['mfu']:.1f}%" if m.get("mfu") is not None else "MFU n/a",
+        f"HFU {m['hfu']:.1f}%" if m.get("hfu") is not None else "HFU n/a",
         f"peak_mem {m['peak_mem_gib']:.2f}GiB",
     ]
     if m.get("skipped"):

@@ -24,7 +24,7 @@ from cola_megatron.errors import TrainingStopped
 from cola_megatron.training.batches import MicroBatches
 from cola_megatron.training.checkpoint import CheckpointManager, ResumePoint
 from cola_megatron.training.metrics import MetricsSink, format_train_line, peak_memory_gib, peak_tflops, throughput
-from cola_megatron.models.accounting import count_parameters, training_flops_per_token
+from cola_megatron.models.accounting import count_parameters, hardware_flops_per_token, training_flops_per_token
 from cola_megatron.models.build import build_model, transformer_config
 from cola_megatron.models.init import initialize_parameters
 
@@ -100,6 +100,7 @@ class Trainer:
         self.scheduler = self._build_scheduler()
         self._wire_megatron_hooks()
         self.flops_per_token = training_flops_per_token(cfg.model)
+        self.hardware_flops_per_token = hardware_flops_per_token(cfg.model)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_length
         self.sink = MetricsSink(cfg.logging.log_dir, enabled=log and self.rank == 0,
                                 tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
@@ -360,7 +361,7 @@ class Trainer:
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "grad_norm": result["grad_norm"],
                         **throughput(interval_steps * self.tokens_per_step, elapsed, self.world_size,
-                                     self.flops_per_token, peak),
+                                     self.flops_per_token, peak, self.hardware_flops_per_token),
                         "peak_mem_gib": peak_memory_gib(self.device),
                         "skipped": self.state.skipped_steps,
                     }

@@ -42,6 +42,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from megatron.core.utils import get_tensor_model_parallel_group_if_none
 
+from cola_megatron.models.layers import ops
+
 SCHEMES = ("bottleneck", "pair")
 
 
@@ -153,12 +155,18 @@ class _CoLASlot(MegatronModule):
         n, r, d = self.a_weight.shape
         return self.a_weight.view(n * r, d)
 
-    def _branches(self, activated: torch.Tensor) -> list:
-        """Apply each branch's B to its slice of the activated bottleneck."""
+    def _branches(self, z: torch.Tensor, activated: Optional[torch.Tensor] = None) -> list:
+        """Apply each branch's B to σ of its slice of the bottleneck pre-activation z, storing z and not σ(z).
+
+        ``activated``: σ(z) when the caller already computed it (then only moved by communication)."""
         # split/unbind rather than indexing: their backward writes each slice's gradient once, where indexing
         # zero-fills a full-size gradient per branch.
+        # σ runs once on the whole z (not per branch), so each GEMM reads the same strided slice as before.
         r = self.b_weight.shape[2]
-        return [F.linear(a, b) for a, b in zip(activated.split(r, dim=-1), self.b_weight.unbind(0))]
+        if activated is None:
+            activated = F.silu(z)
+        return [ops.linear_of_silu(a, b, c)
+                for a, b, c in zip(activated.split(r, dim=-1), self.b_weight.unbind(0), z.split(r, dim=-1))]
 
     # The forward is split into encode (A, up to the pre-activation z) and decode (σ and B) so that CoLA-M
     # (cola_megatron.models.layers.cola_m) can store z and re-run only the decode side.
@@ -206,17 +214,59 @@ class _CoLAColumn(_CoLASlot):
         return x if self.scheme == "bottleneck" else self._to_tensor_parallel_region(x)
 
     def decode_branches(self, z: torch.Tensor) -> list:
-        """This rank's output shard of each branch (q, k, v or gate, up), not yet interleaved."""
-        activated = F.silu(z)
+        """This rank's output shard of each branch (q, k, v or gate, up) as separate tensors, not interleaved
+        (the attention and MLP modules of cola_megatron.models.layers take them as they are)."""
+        if self.scheme == "bottleneck" and self.sequence_parallel:
+            return list(_GatheredSiLUBranches.apply(z, self.tp_group, *self.b_weight.unbind(0)))
         if self.scheme == "bottleneck":
-            return self._branches(self._to_tensor_parallel_region(activated))
-        branches = self._branches(activated)  # full width, partial sums over the rank shards
+            # Without SP the region's forward is the identity: σ(z) is the same tensor on every rank.
+            return self._branches(z, self._to_tensor_parallel_region(F.silu(z)))
+        branches = self._branches(z)  # full width, partial sums over the rank shards
         if self.tp_size == 1:
             return branches
         return [reduce_scatter_last_dim_to_tensor_parallel_region(b, group=self.tp_group) for b in branches]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        # megatron's slot contract (one interleaved tensor); this project's attention and MLP call
+        # decode_branches instead and skip the copy.
         return _interleave(self.decode_branches(z), self._groups())
+
+
+class _GatheredSiLUBranches(torch.autograd.Function):
+    """``[B_i · σ(gather(z))_i]``: a column slot's B GEMMs under the ``bottleneck`` scheme with sequence
+    parallelism, storing only the gathered z.
+
+    σ is elementwise, so gathering z instead of σ(z) moves the same bytes; σ(z) is rebuilt from it in backward,
+    and this rank's z is a slice of it. The backward runs in the order of the plain composition σ → gather → B
+    (reduce-scatter of σ's gradient, then σ's backward), so its gradients are those of that composition.
+    """
+
+    @staticmethod
+    def forward(ctx, z, group, *weights):
+        gathered = gather_from_sequence_parallel_region(z, group=group)
+        ctx.save_for_backward(gathered, *weights)
+        ctx.group = group
+        r = weights[0].shape[1]
+        return tuple(F.linear(a, w) for a, w in zip(F.silu(gathered).split(r, dim=-1), weights))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        gathered, *weights = ctx.saved_tensors
+        r = weights[0].shape[1]
+        grads = [torch.zeros_like(gathered[..., :1]).expand(*gathered.shape[:-1], w.shape[0]) if g is None else g
+                 for g, w in zip(grads, weights)]
+        grad_weights = [None] * len(weights)
+        for i, (g, a) in enumerate(zip(grads, F.silu(gathered).split(r, dim=-1))):
+            if ctx.needs_input_grad[2 + i]:
+                grad_weights[i] = g.reshape(-1, g.shape[-1]).t().matmul(a.reshape(-1, a.shape[-1]))
+        grad_z = None
+        if ctx.needs_input_grad[0]:
+            grad_activated = torch.cat([g.matmul(w) for g, w in zip(grads, weights)], dim=-1)
+            grad_local = reduce_scatter_to_sequence_parallel_region(grad_activated, group=ctx.group)
+            chunk = grad_local.shape[0]
+            z = gathered.narrow(0, ctx.group.rank() * chunk, chunk)
+            grad_z = torch.ops.aten.silu_backward(grad_local, z)
+        return (grad_z, None, *grad_weights)
 
 
 class _CoLARow(_CoLASlot):
@@ -243,7 +293,7 @@ class _CoLARow(_CoLASlot):
         return x
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return _reduce(F.linear(F.silu(z), self.b_weight[0]), self.output_reduction, self.tp_group)
+        return _reduce(ops.silu_linear(z, self.b_weight[0]), self.output_reduction, self.tp_group)
 
 
 class CoLAQKV(_CoLAColumn):

@@ -39,6 +39,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_viewless_tensor
 
+from cola_megatron.models.layers import ops
 from cola_megatron.models.layers.cola import CoLAFC1, CoLAFC2, CoLAProj, CoLAQKV
 
 # Layer arguments CoLA-M cannot honour while training; they select paths (cross attention, packed sequences,
@@ -157,8 +158,7 @@ def _mlp_codes(layer, h, code: Callable):
     z_fc1 = code(fc1, layer.pre_mlp_layernorm(h))
     gate, up = fc1.decode_branches(z_fc1)
     offset = getattr(mlp.config, "glu_linear_offset", 0.0)
-    glu = mlp.config.activation_func(gate) * (up + offset if offset else up)
-    return z_fc1, code(fc2, glu)
+    return z_fc1, code(fc2, ops.glu(mlp.activation_func, gate, up + offset if offset else up))
 
 
 def _encode(slot, x):
@@ -258,7 +258,9 @@ def _residual_branch_backward(branch: Callable, residual: torch.Tensor, grad_out
     wanted = [p for p, need in zip(params, needs) if need]
     with torch.enable_grad():
         leaf = residual.detach().requires_grad_()
-        root = branch(leaf)
+        # The branch reads a view of the leaf, not the leaf: module hooks that watch their inputs' gradients
+        # (torch's ModuleTracker, so FlopCounterMode) cannot be registered on a leaf inside autograd.grad.
+        root = branch(leaf.view_as(leaf))
         grads = torch.autograd.grad(root, [leaf, *wanted], grad_out, allow_unused=True)
     by_param = iter(grads[1:])
     return grads[0], [next(by_param) if need else None for need in needs]
