@@ -259,8 +259,11 @@ class ColaModel(ColaPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        cache=None,
         **kwargs,
     ):
+        if past_key_values is None:
+            past_key_values = cache  # the name transformers >= 5.2 uses
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         output_attentions = bool(
@@ -349,13 +352,14 @@ class ColaForCausalLM(ColaPreTrainedModel, GenerationMixin):
         return_dict=None,
         logits_to_keep=0,
         num_items_in_batch=None,
+        cache=None,
         **kwargs,
     ):
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=past_key_values if past_key_values is not None else cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -382,7 +386,13 @@ class ColaForCausalLM(ColaPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
     ):
-        # Written out (rather than inherited) so generation behaves the same on every supported transformers.
+        if "cache" in kwargs or "next_sequence_length" in kwargs:
+            # transformers >= 5.2 passes the cache as `cache` and slices by `next_sequence_length`: its generic
+            # preparation fits this model (forward takes `cache`).
+            return super().prepare_inputs_for_generation(
+                input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs
+            )
+        # Earlier releases: written out, as their generic preparation differs from one release to the next.
         past_len = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
         total = _sequence_length(input_ids, attention_mask, kwargs.get("cache_position"))
         model_inputs = {
