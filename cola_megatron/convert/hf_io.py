@@ -224,11 +224,11 @@ class WeightReader:
         return {name: self.get(name) for name in self.shapes}
 
 
-def read_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    """config.json and the reference-named tensors of a CoLA Hugging Face directory, checked against each other
-    before any tensor is read."""
+def read_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], str]:
+    """config.json, the plain reference-named tensors of a CoLA Hugging Face directory (the reference's CoLA or
+    CoLA-M layout, or an export) and the layout's name, checked against each other before any tensor is read."""
     _require_transformers()
-    from cola_megatron.convert.names import model_section_from_hf
+    from cola_megatron.convert.names import model_section_from_hf, plain_reference_names
     from cola_megatron.hf.configuration_cola import ColaConfig
     from cola_megatron.hf.modeling_cola import expected_parameter_shapes
 
@@ -240,5 +240,6 @@ def read_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], Dict[str, torc
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{model_dir}/config.json is not a valid CoLA config: {e}") from None
     reader = WeightReader(model_dir)
-    check_shapes(reader.shapes, expected_parameter_shapes(config), model_dir)
-    return raw, reader.all()
+    plain, layout = plain_reference_names(reader.shapes, model_dir)
+    check_shapes({plain[k]: shape for k, shape in reader.shapes.items()}, expected_parameter_shapes(config), model_dir)
+    return raw, {plain[k]: reader.get(k) for k in reader.shapes}, layout
