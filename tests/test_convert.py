@@ -242,8 +242,8 @@ def _convert_everything(root):
     imported = _tp1_model(os.path.join(root, "from-reference"))
     results["from_reference"] = _state(imported)
     results["from_reference_logits"] = _megatron_logits(imported, tokens)
-    results["from_reference_config"] = ckpt_lib.read_checkpoint_config(
-        ckpt_lib.resolve_checkpoint(os.path.join(root, "from-reference"))).model.to_dict()
+    results["from_reference_only_lr_act"] = ckpt_lib.read_checkpoint_config(
+        ckpt_lib.resolve_checkpoint(os.path.join(root, "from-reference"))).model.only_lr_act
 
     # The same weights in the reference's CoLA-M layout, imported, then exported again without a tokenizer.
     from safetensors.torch import save_file
@@ -423,7 +423,7 @@ def test_from_hf_accepts_reference_checkpoints(converted):
     want = names.reference_to_megatron(reference, MODEL["num_layers"])
     loaded = converted["from_reference"]
     assert set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)
-    assert converted["from_reference_config"]["only_lr_act"] is True
+    assert converted["from_reference_only_lr_act"] is True
 
 
 def test_reference_config_without_only_lr_act_gives_the_reference_logits(converted):

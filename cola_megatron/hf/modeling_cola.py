@@ -34,6 +34,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_cola import ColaConfig
 
+# The outputs' cache field: `cache` from transformers 5.2 on (which warns about the older name), `past_key_values`
+# before.
+CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
 
 class ColaProjection(nn.Module):
     """``y = silu(x @ cola_a) @ cola_b``: a bias-free low-rank auto-encoder replacing one dense projection."""
@@ -309,7 +313,7 @@ class ColaModel(ColaPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
         )
@@ -377,7 +381,7 @@ class ColaForCausalLM(ColaPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
