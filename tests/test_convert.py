@@ -20,6 +20,34 @@ SEED = 11
 MODEL = dict(arch="cola", hidden_size=64, ffn_hidden_size=96, num_layers=4, num_attention_heads=4, rank=16,
              vocab_size=320, seq_length=32, cola_init_std=0.3)
 TOKENS = [[5, 17, 260, 3, 99, 42, 7, 300, 12, 1, 64, 128], [250, 4, 4, 8, 15, 16, 23, 42, 108, 9, 2, 77]]
+REFERENCE_SPECIAL_IDS = {"bos_token_id": 2, "eos_token_id": 3, "pad_token_id": -1}  # the reference's LLaMA-style -1
+
+
+def cola_m_layout(state, num_layers):
+    """Plain reference names → the reference CoLA-M model's names (written out here, independently of names.py)."""
+    renamed = {"self_attn.o_proj.cola_a": "self_attn.pre_o_proj.cola_a",
+               "self_attn.o_proj.cola_b": "post_attn.post_o_proj.cola_b",
+               "mlp.down_proj.cola_a": "self_mlp.pre_down_proj.cola_a"}
+    for p in "qkv":
+        renamed[f"self_attn.{p}_proj.cola_a"] = f"pre_attn.pre_{p}_proj.cola_a"
+        renamed[f"self_attn.{p}_proj.cola_b"] = f"self_attn.post_{p}_proj.cola_b"
+    for p in ("gate", "up"):
+        renamed[f"mlp.{p}_proj.cola_a"] = f"pre_mlp.pre_{p}_proj.cola_a"
+        renamed[f"mlp.{p}_proj.cola_b"] = f"self_mlp.post_{p}_proj.cola_b"
+    out = {}
+    for name, tensor in state.items():
+        if not name.startswith("model.layers."):
+            out[name] = tensor
+            continue
+        layer, rest = name[len("model.layers."):].split(".", 1)
+        layer = int(layer)
+        if rest == "mlp.down_proj.cola_b":  # stored with the next layer; the last layer's with itself
+            out[f"model.layers.{layer + 1}.last_layer_post_mlp.post_down_proj.cola_b" if layer + 1 < num_layers
+                else f"model.layers.{layer}.post_mlp.post_down_proj.cola_b"] = tensor
+        else:
+            out[f"model.layers.{layer}.{renamed.get(rest, rest)}"] = tensor
+    assert len(out) == len(state)
+    return out
 
 
 def run_config(only_lr_act: bool, tokenizer=None):
@@ -192,20 +220,44 @@ def _convert_everything(root):
             "export_state": _read_export(export),
         }
 
-    # A reference-written directory: pytorch_model.bin, the reference's config spellings, a rotary buffer.
-    export = os.path.join(root, "only_lr_act=False/hf")
+    # A reference-written directory: pytorch_model.bin, the reference's config spellings (no only_lr_act, which the
+    # reference defaults to true; the weights are those of the only_lr_act=True run), a rotary buffer, the
+    # embedding's padding row at zero, special ids and no tokenizer.
+    export = os.path.join(root, "only_lr_act=True/hf")
     reference_dir = os.path.join(root, "reference")
     os.makedirs(reference_dir)
     state = _read_export(export)
+    state["model.embed_tokens.weight"][0] = 0.0
+    results["reference_state"] = {k: v.clone() for k, v in state.items()}
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
     torch.save(state, os.path.join(reference_dir, "pytorch_model.bin"))
     config = json.load(open(os.path.join(export, "config.json")))
-    for key in ("auto_map", "only_lr_act", "lr_act_type", "dtype", "head_dim", "transformers_version"):
+    for key in ("auto_map", "only_lr_act", "lr_act_type", "dtype", "head_dim", "transformers_version",
+                "tokenizer_class"):
         config.pop(key, None)
     config["max_sequence_length"] = config.pop("max_position_embeddings")
+    config.update(REFERENCE_SPECIAL_IDS)
     json.dump(config, open(os.path.join(reference_dir, "config.json"), "w"))
     assert cli.main(["from-hf", reference_dir, os.path.join(root, "from-reference")]) == 0
-    results["from_reference"] = _state(_tp1_model(os.path.join(root, "from-reference")))
+    imported = _tp1_model(os.path.join(root, "from-reference"))
+    results["from_reference"] = _state(imported)
+    results["from_reference_logits"] = _megatron_logits(imported, tokens)
+    results["from_reference_only_lr_act"] = ckpt_lib.read_checkpoint_config(
+        ckpt_lib.resolve_checkpoint(os.path.join(root, "from-reference"))).model.only_lr_act
+
+    # The same weights in the reference's CoLA-M layout, imported, then exported again without a tokenizer.
+    from safetensors.torch import save_file
+
+    cola_m_dir = os.path.join(root, "cola-m")
+    os.makedirs(cola_m_dir)
+    save_file({k: v.contiguous() for k, v in cola_m_layout(results["reference_state"], MODEL["num_layers"]).items()},
+              os.path.join(cola_m_dir, "model.safetensors"), metadata={"format": "pt"})
+    json.dump(dict(config, architectures=["ColaMForCausalLM"]), open(os.path.join(cola_m_dir, "config.json"), "w"))
+    assert cli.main(["from-hf", cola_m_dir, os.path.join(root, "from-cola-m")]) == 0
+    results["from_cola_m"] = _state(_tp1_model(os.path.join(root, "from-cola-m")))
+    assert cli.main(["to-hf", os.path.join(root, "from-cola-m"), os.path.join(root, "cola-m-export")]) == 0
+    results["cola_m_export"] = _read_export(os.path.join(root, "cola-m-export"))
+    results["cola_m_export_config"] = json.load(open(os.path.join(root, "cola-m-export", "config.json")))
 
     # from-dense through the command line into a torch_dist checkpoint, then a run warm-starts from it.
     dense_dir = os.path.join(root, "dense")
@@ -362,10 +414,47 @@ def test_tokenizer_is_shipped_and_loads(converted):
 
 
 def test_from_hf_accepts_reference_checkpoints(converted):
-    """pytorch_model.bin, max_sequence_length, no only_lr_act/lr_act_type, a rotary buffer: same tensors."""
-    initial = converted["only_lr_act=False"]["initial"]
+    """pytorch_model.bin, max_sequence_length, no only_lr_act/lr_act_type, a rotary buffer: the same tensors, the
+    padding row included, and only_lr_act true as in the reference."""
+    from cola_megatron.convert import names
+
+    reference = converted["reference_state"]
+    assert torch.equal(reference["model.embed_tokens.weight"][0], torch.zeros(MODEL["hidden_size"]))
+    want = names.reference_to_megatron(reference, MODEL["num_layers"])
     loaded = converted["from_reference"]
-    assert set(loaded) == set(initial) and all(torch.equal(loaded[k], initial[k]) for k in initial)
+    assert set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)
+    assert converted["from_reference_only_lr_act"] is True
+
+
+def test_reference_config_without_only_lr_act_gives_the_reference_logits(converted):
+    from cola_megatron.hf.configuration_cola import ColaConfig
+    from tests.test_hf_modeling import reference_logits
+
+    state = converted["reference_state"]
+    shape = dict(vocab_size=MODEL["vocab_size"], hidden_size=MODEL["hidden_size"],
+                 intermediate_size=MODEL["ffn_hidden_size"], num_hidden_layers=MODEL["num_layers"],
+                 num_attention_heads=MODEL["num_attention_heads"], rank=MODEL["rank"])
+    tokens = torch.tensor(TOKENS)
+    with torch.no_grad():
+        want = reference_logits(state, ColaConfig(**shape, only_lr_act=True), tokens)
+        other = reference_logits(state, ColaConfig(**shape, only_lr_act=False), tokens)
+    assert not torch.allclose(want, other, atol=1e-2), "the test must tell the two MLPs apart"
+    torch.testing.assert_close(converted["from_reference_logits"], want, atol=1e-4, rtol=0)
+
+
+def test_cola_m_layout_imports_to_the_same_weights_and_exports_bit_identically(converted):
+    plain, cola_m = converted["from_reference"], converted["from_cola_m"]
+    assert set(cola_m) == set(plain)
+    for name, tensor in plain.items():
+        assert cola_m[name].dtype == tensor.dtype and torch.equal(cola_m[name], tensor), name
+    reference, exported = converted["reference_state"], converted["cola_m_export"]
+    assert set(exported) == set(reference)
+    for name, tensor in reference.items():
+        assert exported[name].dtype == tensor.dtype and torch.equal(exported[name], tensor), name
+    # No tokenizer anywhere: the ids come through from the reference config (-1 names no token and is dropped).
+    config = converted["cola_m_export_config"]
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, 3, None)
+    assert config["only_lr_act"] is True
 
 
 def test_from_dense_cli_writes_the_svd_factors(converted, tmp_path):
@@ -471,6 +560,48 @@ def test_unknown_model_type(tmp_path, capsys):
     assert code == 2 and "from-dense" in err
     code, err = _cli(capsys, "from-dense", str(tmp_path), str(tmp_path / "out"), "--rank", "8")
     assert code == 2 and "lacks" in err
+
+
+def _small_hf_dir(path, drop=(), **overrides):
+    """A tiny CoLA directory as save_pretrained writes it, its config without the keys in ``drop``."""
+    from cola_megatron.hf.configuration_cola import ColaConfig
+    from cola_megatron.hf.modeling_cola import ColaForCausalLM
+
+    config = ColaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=2, rank=8)
+    ColaForCausalLM(config).save_pretrained(path)
+    raw = json.loads((path / "config.json").read_text())
+    raw = {k: v for k, v in dict(raw, **overrides).items() if k not in drop}
+    (path / "config.json").write_text(json.dumps(raw))
+
+
+def test_from_hf_names_tensors_of_no_known_layout(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    _small_hf_dir(tmp_path, drop=("only_lr_act", "rms_norm_eps"))
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.1.mlp.gate_proj.lora_A.weight"] = torch.zeros(4, 32)
+    tensors["model.layers.0.self_attn.pre_q_proj.cola_a"] = tensors.pop("model.layers.0.self_attn.q_proj.cola_a")
+    save_file(tensors, tmp_path / "model.safetensors")
+    code, err = _cli(capsys, "from-hf", str(tmp_path), str(tmp_path / "out"))
+    assert code == 2 and "neither the reference CoLA nor the CoLA-M layout" in err
+    assert "model.layers.0.self_attn.pre_q_proj.cola_a" in err and "model.layers.1.mlp.gate_proj.lora_A.weight" in err
+    assert "hidden_size" not in err and not (tmp_path / "out").exists()
+
+
+def test_from_hf_says_which_reference_defaults_it_used(tmp_path, capsys):
+    from cola_megatron.convert import names
+    from cola_megatron.convert.cli import main
+
+    _small_hf_dir(tmp_path, drop=("only_lr_act", "rms_norm_eps"))
+    raw = json.loads((tmp_path / "config.json").read_text())
+    assert names.model_section_from_hf(raw)["only_lr_act"] is True
+    assert names.reference_defaults_used(raw) == {"only_lr_act": True, "rms_norm_eps": 1e-6}
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")  # stops the command after the config is read
+    assert main(["from-hf", str(tmp_path), str(tmp_path / "out")]) == 2
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["config.json omits fields; used the reference defaults: only_lr_act=true, rms_norm_eps=1e-06"]
 
 
 def test_hf_config_and_weights_shape_mismatch(tmp_path, capsys):

@@ -362,3 +362,27 @@ def test_export_directory_loads_offline_with_remote_code(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded["logits"], model(input_ids).logits, atol=0, rtol=0)
         assert torch.equal(loaded["generated"], model.generate(input_ids, max_new_tokens=5, do_sample=False))
+
+
+def test_eager_attention_matches_sdpa_with_padding_and_cache():
+    sdpa = tiny_model()
+    eager = tiny_model(attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    ids = torch.randint(1, 128, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(eager(ids, attention_mask=mask).logits, sdpa(ids, attention_mask=mask).logits,
+                                   atol=1e-5, rtol=1e-5)
+        cached = eager(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
+        step = eager(ids[:, 6:], attention_mask=mask, past_key_values=cached.past_key_values, use_cache=True)
+        torch.testing.assert_close(step.logits, sdpa(ids, attention_mask=mask).logits[:, 6:], atol=1e-5, rtol=1e-5)
+
+
+def test_loss_with_num_items_in_batch_is_the_sum_over_that_count():
+    model = tiny_model()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        mean = model(ids, labels=ids).loss
+        halved = model(ids, labels=ids, num_items_in_batch=2 * 2 * 8).loss
+    torch.testing.assert_close(halved, mean / 2)

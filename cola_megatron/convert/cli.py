@@ -1,7 +1,7 @@
 """``cola-convert``: checkpoint conversion on CPU.
 
     cola-convert to-hf      CKPT OUT       megatron torch_dist (any TP/PP) → Hugging Face directory
-    cola-convert from-hf    HF_DIR OUT     Hugging Face CoLA (ours or the reference's) → torch_dist
+    cola-convert from-hf    HF_DIR OUT     Hugging Face CoLA (ours, the reference's CoLA or CoLA-M) → torch_dist
     cola-convert reshard    CKPT OUT --tp N --pp M [--vp V]          the same checkpoint at another layout
     cola-convert from-dense LLAMA_DIR OUT --rank R    dense LLaMA → CoLA by truncated SVD (warm start)
 
@@ -16,6 +16,7 @@ Bad input fails before heavy work with exit code 2 and one message naming the fi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -78,6 +79,7 @@ def to_hf(args) -> None:
         raise ConversionError(f"the tokenizer {tokenizer} is not found: pass --tokenizer PATH (the run's "
                               "tokenizer.json) or --no-tokenizer")
     special = hf_io.tokenizer_special_ids(tokenizer, cfg.model.vocab_size) if tokenizer else None
+    special = special or megatron_io.read_special_tokens(ckpt)  # converted weights keep their config's ids
     fields = names.hf_config_fields(cfg.model, special)
     megatron_io.require_new_output(args.output)
     state = megatron_io.read_full_state(ckpt, cfg)
@@ -121,15 +123,19 @@ def from_hf(args) -> None:
 
     raw = hf_io.read_config_json(args.hf_dir, "cola")
     section = names.model_section_from_hf(raw, source=os.path.join(args.hf_dir, "config.json"))
+    defaults = names.reference_defaults_used(raw)
+    if defaults:
+        print("config.json omits fields; used the reference defaults: "
+              + ", ".join(f"{k}={json.dumps(v)}" for k, v in defaults.items()))
     cfg = _run_config(section, args.config, None)
     megatron_io.require_new_output(args.output)
-    _, reference = hf_io.read_cola_checkpoint(args.hf_dir)
+    _, reference, layout = hf_io.read_cola_checkpoint(args.hf_dir)
     tokenizer = _copy_tokenizer(args.hf_dir, args.output)
     if tokenizer:
         cfg = _run_config(section, args.config, tokenizer)
     state = names.reference_to_megatron(reference, cfg.model.num_layers)
-    ckpt = megatron_io.write_full_state(state, cfg, args.output)
-    print(f"wrote {ckpt} from {args.hf_dir}")
+    ckpt = megatron_io.write_full_state(state, cfg, args.output, special_tokens=names.special_token_ids(raw))
+    print(f"wrote {ckpt} from {args.hf_dir} ({layout} layout)")
 
 
 def reshard(args) -> None:

@@ -1,9 +1,11 @@
 """Hugging Face model directories: writing a CoLA export and reading CoLA (or dense LLaMA) checkpoints.
 
-An export is self-contained: ``config.json`` (model_type ``cola``, ``auto_map``), the shipped
-``configuration_cola.py`` / ``modeling_cola.py`` (torch + transformers only), the weights as safetensors (one
-``model.safetensors``, or shards with ``model.safetensors.index.json`` above ``max_shard_size``, written by
-``huggingface_hub``'s own sharding), and the tokenizer when the run had one, so that
+An export is self-contained: ``config.json`` (model_type ``cola``, ``auto_map``, ``tokenizer_class``), the shipped
+``configuration_cola.py`` / ``modeling_cola.py`` (torch + transformers only), ``generation_config.json`` (the special
+ids generation stops and pads with), the weights as safetensors (one ``model.safetensors``, or shards with
+``model.safetensors.index.json`` above ``max_shard_size``, written by ``huggingface_hub``'s own sharding), and the
+tokenizer when the run had one (its ``model_input_names`` are ids and mask only, so ``generate(**tokenizer(text))``
+passes nothing the model does not take), so that
 
     AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True)
     AutoTokenizer.from_pretrained(export, trust_remote_code=True)   # a PreTrainedTokenizerFast
@@ -28,6 +30,10 @@ SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.in
 BIN_FILE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # Buffers some checkpoints carry that are recomputed, not learned.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+# What the shipped tokenizer is and returns: a fast tokenizer, without the token_type_ids CoLA models do not take.
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,13 +82,15 @@ def save_tokenizer(tokenizer_file: str, out_dir: str, model_max_length: int) -> 
     ids = tokenizer_special_ids(tokenizer_file)
     backend = Tokenizer.from_file(tokenizer_file)
     names = {k.replace("_id", ""): backend.id_to_token(v) for k, v in ids.items() if v is not None}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, model_max_length=model_max_length, **names)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, model_max_length=model_max_length,
+                                        model_input_names=list(MODEL_INPUT_NAMES), **names)
     tokenizer.save_pretrained(out_dir)
     # Name the class every transformers version resolves (v5 writes its own alias, unknown to v4).
     config_path = os.path.join(out_dir, "tokenizer_config.json")
     with open(config_path) as f:
         tokenizer_config = json.load(f)
-    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config["tokenizer_class"] = TOKENIZER_CLASS
+    tokenizer_config["model_input_names"] = list(MODEL_INPUT_NAMES)
     with open(config_path, "w") as f:
         json.dump(tokenizer_config, f, indent=2)
 
@@ -93,18 +101,24 @@ def write_export(out_dir: str, state: Mapping[str, torch.Tensor], config_fields:
     """A loadable Hugging Face directory from reference-named tensors and ``ColaConfig`` fields."""
     _require_transformers()
     from huggingface_hub import save_torch_state_dict
+    from transformers import GenerationConfig
 
     from cola_megatron.hf.configuration_cola import ColaConfig
     from cola_megatron.hf.modeling_cola import expected_parameter_shapes
 
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    config = ColaConfig(**config_fields, dtype=dtype)
+    fields = dict(config_fields)
+    if tokenizer_file:
+        # pipeline() and AutoTokenizer find the tokenizer of a model type they do not know through this.
+        fields["tokenizer_class"] = TOKENIZER_CLASS
+    config = ColaConfig(**fields, dtype=dtype)
     check_shapes({k: tuple(v.shape) for k, v in state.items()}, expected_parameter_shapes(config), "export")
     os.makedirs(out_dir, exist_ok=True)
     cast = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state.items()}
     save_torch_state_dict(cast, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
     config.save_pretrained(out_dir)
+    GenerationConfig.from_model_config(config).save_pretrained(out_dir)
     for name in SHIPPED_MODULES:
         shutil.copyfile(os.path.join(_shipped_dir(), name), os.path.join(out_dir, name))
     if tokenizer_file:
@@ -210,11 +224,11 @@ class WeightReader:
         return {name: self.get(name) for name in self.shapes}
 
 
-def read_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    """config.json and the reference-named tensors of a CoLA Hugging Face directory, checked against each other
-    before any tensor is read."""
+def read_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], str]:
+    """config.json, the plain reference-named tensors of a CoLA Hugging Face directory (the reference's CoLA or
+    CoLA-M layout, or an export) and the layout's name, checked against each other before any tensor is read."""
     _require_transformers()
-    from cola_megatron.convert.names import model_section_from_hf
+    from cola_megatron.convert.names import model_section_from_hf, plain_reference_names
     from cola_megatron.hf.configuration_cola import ColaConfig
     from cola_megatron.hf.modeling_cola import expected_parameter_shapes
 
@@ -226,5 +240,6 @@ def read_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], Dict[str, torc
     except (TypeError, ValueError) as e:
         raise ConversionError(f"{model_dir}/config.json is not a valid CoLA config: {e}") from None
     reader = WeightReader(model_dir)
-    check_shapes(reader.shapes, expected_parameter_shapes(config), model_dir)
-    return raw, reader.all()
+    plain, layout = plain_reference_names(reader.shapes, model_dir)
+    check_shapes({plain[k]: shape for k, shape in reader.shapes.items()}, expected_parameter_shapes(config), model_dir)
+    return raw, {plain[k]: reader.get(k) for k in reader.shapes}, layout

@@ -22,6 +22,9 @@ from cola_megatron.errors import ConversionError
 
 WEIGHTS_ONLY = "weights"
 """``contents`` entry of a weights-only checkpoint's common state (training checkpoints have none)."""
+SPECIAL_TOKENS = "special_tokens"
+"""Common-state entry of converted weights: the bos/eos/pad ids of the source config, for an export without a
+tokenizer to write again."""
 
 
 def with_layout(cfg: Config, tensor_parallel: int = 1, pipeline_parallel: int = 1,
@@ -119,7 +122,7 @@ def is_weights_only(ckpt_dir: str) -> bool:
 
 
 def save_weights(chunks: Sequence[torch.nn.Module], cfg: Config, save_dir: str,
-                 train_state: Optional[dict] = None) -> str:
+                 train_state: Optional[dict] = None, special_tokens: Optional[dict] = None) -> str:
     """Write this rank's chunks as a weights-only checkpoint ``save_dir/iter_NNNNNNN`` (every rank calls it).
 
     The common entries are those ``CheckpointManager.load`` reads, for a run that starts from these weights: the
@@ -144,6 +147,8 @@ def save_weights(chunks: Sequence[torch.nn.Module], cfg: Config, save_dir: str,
         layout=None,
         format_version=ckpt_lib.FORMAT_VERSION,
     )
+    if special_tokens:
+        sharded[SPECIAL_TOKENS] = dict(special_tokens)
     dist_checkpointing.save(sharded, ckpt_dir)
     dist.barrier()  # every rank's files are written before the checkpoint is declared complete
     if dist.get_rank() == 0:
@@ -167,7 +172,15 @@ def read_full_state(ckpt_dir: str, cfg: Config) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
 
 
-def write_full_state(state: Dict[str, torch.Tensor], cfg: Config, save_dir: str) -> str:
+def read_special_tokens(ckpt_dir: str) -> Optional[dict]:
+    """The bos/eos/pad ids converted weights recorded (None for a run's checkpoint or when none were known)."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(ckpt_dir).get(SPECIAL_TOKENS)
+
+
+def write_full_state(state: Dict[str, torch.Tensor], cfg: Config, save_dir: str,
+                     special_tokens: Optional[dict] = None) -> str:
     """Write unsplit tensors as a weights-only checkpoint from this one process (loadable at any layout)."""
     cfg = unsplit(cfg)
     initialize(cfg)
@@ -183,4 +196,4 @@ def write_full_state(state: Dict[str, torch.Tensor], cfg: Config, save_dir: str)
         for name, param in model.state_dict().items():
             if name in state:
                 param.copy_(state[name])
-    return save_weights([model], cfg, save_dir)
+    return save_weights([model], cfg, save_dir, special_tokens=special_tokens)

@@ -7,11 +7,20 @@ RoPE rotates non-interleaved halves like Hugging Face's ``rotate_half``, so no r
 
 Reference side: ``cola_a = A[i].T`` of shape (d_in, r) and ``cola_b = B[i].T`` of shape (r, d_out), so that
 ``y = silu(x @ cola_a) @ cola_b`` (see ``_CoLASlot.reference_layout``).
+
+The reference's CoLA-M model (``ColaMForCausalLM``, same ``model_type``) saves the same tensors under other names,
+split where it recomputes activations (:data:`COLA_M_NAMES`); :func:`plain_reference_names` maps them back.
+
+Embedding row 0: the reference embedding has ``padding_idx=0`` (row 0 starts at zero and never receives a
+gradient). Conversion copies row 0 as stored, both ways, so converted logits are exact; megatron and the Hugging
+Face code here train it like any other row, because the tokenizers this project trains give id 0 to a real token
+(the end-of-document token), and a run continued from reference weights therefore updates it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+import re
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 
@@ -97,6 +106,62 @@ def reference_to_megatron(state: Mapping[str, torch.Tensor], num_layers: int) ->
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The reference's two layouts
+
+_LAYER = r"model\.layers\.(?P<layer>\d+)\."
+PLAIN_NAMES = [re.compile(p) for p in (
+    r"model\.(embed_tokens|norm)\.weight$",
+    r"lm_head\.weight$",
+    _LAYER + r"(input_layernorm|post_attention_layernorm)\.weight$",
+    _LAYER + r"(self_attn\.[qkvo]|mlp\.(gate|up|down))_proj\.cola_[ab]$",
+)]
+# CoLA-M name (under model.layers.{i}.) → (plain name under model.layers.{i + shift}., shift). The down projection's
+# B of layer i is stored with layer i + 1, the last layer's with itself.
+COLA_M_NAMES = [(re.compile(_LAYER + pattern + "$"), plain, shift) for pattern, plain, shift in (
+    (r"pre_attn\.pre_(?P<p>[qkv])_proj\.cola_a", "self_attn.{p}_proj.cola_a", 0),
+    (r"self_attn\.post_(?P<p>[qkv])_proj\.cola_b", "self_attn.{p}_proj.cola_b", 0),
+    (r"self_attn\.pre_o_proj\.cola_a", "self_attn.o_proj.cola_a", 0),
+    (r"post_attn\.post_o_proj\.cola_b", "self_attn.o_proj.cola_b", 0),
+    (r"pre_mlp\.pre_(?P<p>gate|up)_proj\.cola_a", "mlp.{p}_proj.cola_a", 0),
+    (r"self_mlp\.post_(?P<p>gate|up)_proj\.cola_b", "mlp.{p}_proj.cola_b", 0),
+    (r"self_mlp\.pre_down_proj\.cola_a", "mlp.down_proj.cola_a", 0),
+    (r"last_layer_post_mlp\.post_down_proj\.cola_b", "mlp.down_proj.cola_b", -1),
+    (r"post_mlp\.post_down_proj\.cola_b", "mlp.down_proj.cola_b", 0),
+)]
+
+
+def plain_reference_names(stored: Iterable[str], source: str = "the checkpoint") -> Tuple[Dict[str, str], str]:
+    """``({stored name: plain reference name}, layout)`` with layout ``"CoLA"`` or ``"CoLA-M"``; a name of neither
+    layout is refused by name (shapes and layer counts are checked afterwards against the config)."""
+    mapping, unknown, cola_m = {}, [], False
+    for name in stored:
+        if any(p.match(name) for p in PLAIN_NAMES):
+            mapping[name] = name
+            continue
+        for pattern, plain, shift in COLA_M_NAMES:
+            match = pattern.match(name)
+            if match:
+                layer = int(match["layer"]) + shift
+                mapping[name] = f"model.layers.{layer}." + plain.format(p=match.groupdict().get("p"))
+                cola_m = True
+                break
+        else:
+            unknown.append(name)
+    if unknown:
+        unknown.sort()
+        raise ConversionError(f"{source} holds tensors of neither the reference CoLA nor the CoLA-M layout: "
+                              f"{unknown[:8]}{' …' if len(unknown) > 8 else ''}; from-hf reads checkpoints saved by "
+                              "the reference implementation (ColaForCausalLM or ColaMForCausalLM) or by to-hf")
+    targets: Dict[str, str] = {}
+    for name, plain in mapping.items():
+        if plain in targets:
+            raise ConversionError(f"{source} stores {plain} twice (as {targets[plain]} and {name}): not one "
+                                  "consistent CoLA or CoLA-M checkpoint")
+        targets[plain] = name
+    return mapping, "CoLA-M" if cola_m else "CoLA"
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Configs
 
 
@@ -131,6 +196,40 @@ def hf_config_fields(m: ModelConfig, special_ids: Optional[Mapping[str, Optional
 
 
 REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# The reference ColaConfig's defaults for the fields its config.json files may omit (its own 350M/1B/7B configs
+# leave out only_lr_act, which it defaults to true). The shape fields above (and rank) are always required.
+REFERENCE_DEFAULTS = {
+    "only_lr_act": True,
+    "lr_act_type": "silu",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "initializer_range": 0.02,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def reference_defaults_used(raw: Mapping[str, Any]) -> Dict[str, Any]:
+    """The :data:`REFERENCE_DEFAULTS` a config.json relies on (the fields it omits)."""
+    context_given = raw.get("max_position_embeddings") or raw.get("max_sequence_length")
+    rope_theta_given = raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get("rope_theta")
+    given = dict(raw, max_position_embeddings=context_given, rope_theta=rope_theta_given)
+    return {k: v for k, v in REFERENCE_DEFAULTS.items() if given.get(k) is None}
+
+
+def special_token_ids(raw: Mapping[str, Any]) -> Dict[str, Optional[int]]:
+    """bos/eos/pad ids of a config.json, kept when they name a token of the vocabulary (the reference's LLaMA
+    configs write pad_token_id=-1, which no embedding row has)."""
+    vocab = raw.get("vocab_size") or 0
+    ids = {}
+    for key in SPECIAL_TOKEN_FIELDS:
+        value = raw.get(key)
+        if isinstance(value, list):  # transformers allows several eos ids; the first is the end of a document
+            value = value[0] if value else None
+        ids[key] = value if isinstance(value, int) and 0 <= value < vocab else None
+    return ids
 
 
 def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, only_lr_act: Optional[bool] = None,
@@ -138,8 +237,8 @@ def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, on
     """The ``model`` section of a run config for a Hugging Face config: a CoLA one, or (``dense=True``, ``rank``
     given) a dense LLaMA one, whose grouped k/v heads and tied embeddings the SVD initialisation expands.
 
-    Accepts the reference implementation's spellings: ``max_sequence_length`` for the context length, missing
-    ``lr_act_type``/``only_lr_act`` (their defaults, silu and false).
+    Accepts the reference implementation's spellings: ``max_sequence_length`` for the context length, and fills
+    omitted fields with the reference's defaults (:data:`REFERENCE_DEFAULTS`, e.g. ``only_lr_act`` true).
     """
     missing = [k for k in REQUIRED_HF_FIELDS if raw.get(k) is None]
     rank = rank if rank is not None else raw.get("rank")
@@ -169,9 +268,10 @@ def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, on
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ConversionError(f"{source}: RoPE scaling {rope_type!r} is not supported; only plain RoPE (theta) is")
-    theta = raw.get("rope_theta") or rope.get("rope_theta") or 10000.0
-    context = raw.get("max_position_embeddings") or raw.get("max_sequence_length") or ModelConfig().seq_length
-    only = raw.get("only_lr_act", False) if only_lr_act is None else only_lr_act
+    defaults = REFERENCE_DEFAULTS
+    theta = raw.get("rope_theta") or rope.get("rope_theta") or defaults["rope_theta"]
+    context = raw.get("max_position_embeddings") or raw.get("max_sequence_length") or defaults["max_position_embeddings"]
+    only = raw.get("only_lr_act", defaults["only_lr_act"]) if only_lr_act is None else only_lr_act
     return dict(
         arch="cola",
         vocab_size=raw["vocab_size"],
@@ -181,10 +281,10 @@ def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, on
         num_attention_heads=heads,
         rank=int(rank),
         only_lr_act=bool(only),
-        lr_act=raw.get("lr_act_type") or "silu",
+        lr_act=raw.get("lr_act_type") or defaults["lr_act_type"],
         max_position_embeddings=int(context),
         seq_length=min(int(context), ModelConfig().seq_length),
-        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        norm_eps=float(raw.get("rms_norm_eps") or defaults["rms_norm_eps"]),
         rope_theta=float(theta),
-        init_std=float(raw.get("initializer_range", 0.02)),
+        init_std=float(raw.get("initializer_range") or defaults["initializer_range"]),
     )

@@ -54,8 +54,8 @@ def _reshard_weights(cfg: Config, source: str, save_dir: str) -> None:
     chunks = megatron_io.build_chunks(cfg)
     megatron_io.check_checkpoint_matches(chunks, source)
     ckpt_lib.load_model_weights(source, chunks)
-    train_state = dist_checkpointing.load_common_state_dict(source).get("train_state")
-    megatron_io.save_weights(chunks, cfg, save_dir, train_state)
+    common = dist_checkpointing.load_common_state_dict(source)
+    megatron_io.save_weights(chunks, cfg, save_dir, common.get("train_state"), common.get(megatron_io.SPECIAL_TOKENS))
 
 
 def write_rank(cfg: Config, source: str, save_dir: str) -> None:

@@ -22,8 +22,9 @@ class ColaConfig(PretrainedConfig):
     CoLA-specific fields:
         rank: bottleneck width r of every projection.
         lr_act_type: the bottleneck non-linearity; only ``"silu"``.
-        only_lr_act: if true the MLP is ``down(gate(x) * up(x))`` (the bottleneck SiLUs are the only
-            non-linearities); if false it is ``down(SiLU(gate(x)) * up(x))``.
+        only_lr_act: if true (the reference implementation's default, kept so that its config.json files, which
+            omit the key, mean the same here) the MLP is ``down(gate(x) * up(x))`` (the bottleneck SiLUs are the
+            only non-linearities); if false it is ``down(SiLU(gate(x)) * up(x))``.
     """
 
     model_type = "cola"
@@ -39,7 +40,7 @@ class ColaConfig(PretrainedConfig):
         num_key_value_heads=None,
         rank=128,
         lr_act_type="silu",
-        only_lr_act=False,
+        only_lr_act=True,
         hidden_act="silu",
         max_position_embeddings=256,
         rms_norm_eps=1e-6,
@@ -111,3 +112,7 @@ def _validate(
         raise ValueError(f"hidden_act {hidden_act!r} is not supported; CoLA's gated MLP uses 'silu'.")
     if tie_word_embeddings:
         raise ValueError("CoLA models have an untied lm_head: set tie_word_embeddings=False.")
+
+
+# save_pretrained copies this file next to the config and records it in the auto_map.
+ColaConfig.register_for_auto_class()

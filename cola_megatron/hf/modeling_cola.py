@@ -10,10 +10,19 @@ import torch and transformers.
 Conventions:
 - RoPE is the Hugging Face LLaMA one: theta from the config, ``rotate_half`` over the two non-interleaved halves of
   each head.
-- Attention is ``torch.nn.functional.scaled_dot_product_attention`` with causal masking. A 2-D ``attention_mask``
-  (1 = token, 0 = padding) is honoured, so left-padded batches generate correctly; positions are then counted
-  from the first real token of each row.
-- ``output_attentions`` / ``output_hidden_states`` are not supported.
+- Attention follows ``config._attn_implementation``: ``"sdpa"`` (the default) is
+  ``torch.nn.functional.scaled_dot_product_attention``, ``"eager"`` writes the softmax out and is the one path that
+  can return attention weights (``output_attentions=True``). A 2-D ``attention_mask`` (1 = token, 0 = padding) is
+  honoured, so left-padded batches generate correctly; positions are then counted from the first real token of
+  each row.
+- ``output_hidden_states=True`` returns the embeddings, every layer's output and the final normed states.
+- Gradient checkpointing (``gradient_checkpointing_enable()``) recomputes each decoder layer in the backward pass.
+- The loss is next-token cross-entropy; given ``num_items_in_batch`` (as the Trainer passes under gradient
+  accumulation) it is the sum over this batch's targets divided by that count, so accumulated micro-batches give the
+  loss and gradients of one large batch.
+- PEFT: the projections are not ``nn.Linear`` (each is two matrices around a SiLU), so LoRA attaches to the
+  matrices themselves with ``LoraConfig(target_parameters=["cola_a", "cola_b"], target_modules=[])``
+  (peft >= 0.17); ``target_modules=["q_proj", ...]`` and ``"all-linear"`` find no linear layer to wrap.
 """
 
 import torch
@@ -24,6 +33,10 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_cola import ColaConfig
+
+# The outputs' cache field: `cache` from transformers 5.2 on (which warns about the older name), `past_key_values`
+# before.
+CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 class ColaProjection(nn.Module):
@@ -113,10 +126,29 @@ def sdpa_mask(attention_mask, q_len, kv_len, device):
     return allowed, False
 
 
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def eager_attention(q, k, v, attn_mask, is_causal):
+    """Softmax attention written out, returning ``(output, weights)``; masks as for ``sdpa_mask``."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    if attn_mask is None and is_causal:
+        attn_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=q.device).tril(kv_len - q_len)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attn_mask
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return weights @ v, weights
+
+
 class ColaAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         d, r = config.hidden_size, config.rank
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = d // config.num_attention_heads
@@ -125,7 +157,7 @@ class ColaAttention(nn.Module):
         self.v_proj = ColaProjection(d, d, r)
         self.o_proj = ColaProjection(d, d, r)
 
-    def forward(self, hidden_states, cos, sin, attn_mask, is_causal, past_key_values=None):
+    def forward(self, hidden_states, cos, sin, attn_mask, is_causal, past_key_values=None, output_attentions=False):
         batch, seq, _ = hidden_states.shape
 
         def heads(x):
@@ -136,8 +168,20 @@ class ColaAttention(nn.Module):
         v = heads(self.v_proj(hidden_states))
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        # Read at call time, so set_attn_implementation() after loading takes effect.
+        implementation = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation {implementation!r} is not supported by CoLA models; use one of "
+                             f"{ATTENTION_IMPLEMENTATIONS}.")
+        weights = None
+        if implementation == "eager":
+            out, weights = eager_attention(q, k, v, attn_mask, is_causal)
+        elif output_attentions:
+            raise ValueError("output_attentions=True needs the eager attention path: load the model with "
+                             "attn_implementation=\"eager\".")
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1)), weights
 
 
 class ColaMLP(nn.Module):
@@ -164,11 +208,12 @@ class ColaDecoderLayer(nn.Module):
         self.post_attention_layernorm = ColaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = ColaMLP(config)
 
-    def forward(self, hidden_states, cos, sin, attn_mask, is_causal, past_key_values=None):
-        h = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), cos, sin, attn_mask, is_causal, past_key_values
+    def forward(self, hidden_states, cos, sin, attn_mask, is_causal, past_key_values=None, output_attentions=False):
+        attn_out, weights = self.self_attn(
+            self.input_layernorm(hidden_states), cos, sin, attn_mask, is_causal, past_key_values, output_attentions
         )
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = hidden_states + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h)), weights
 
 
 class ColaPreTrainedModel(PreTrainedModel):
@@ -177,6 +222,7 @@ class ColaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ColaDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
     _supports_cache_class = True
     _supports_static_cache = False
 
@@ -197,6 +243,7 @@ class ColaModel(ColaPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(ColaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = ColaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False  # the flag gradient_checkpointing_enable() sets
         self.post_init()
 
     def get_input_embeddings(self):
@@ -216,15 +263,25 @@ class ColaModel(ColaPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        cache=None,
         **kwargs,
     ):
-        if output_attentions or output_hidden_states:
-            raise NotImplementedError("CoLA models return neither attentions nor hidden states of all layers.")
+        if past_key_values is None:
+            past_key_values = cache  # the name transformers >= 5.2 uses
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        output_attentions = bool(
+            self.config.output_attentions if output_attentions is None else output_attentions
+        )
+        output_hidden_states = bool(
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        checkpointing = self.gradient_checkpointing and self.training
+        if checkpointing:
+            use_cache = False  # a cache filled inside recomputed layers would hold every layer twice
         past_key_values = _as_cache(past_key_values) if use_cache or past_key_values is not None else None
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
@@ -239,17 +296,34 @@ class ColaModel(ColaPreTrainedModel):
         cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
 
         hidden_states = inputs_embeds
+        all_hidden_states, all_attentions = [], []
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cos, sin, attn_mask, is_causal, past_key_values)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            args = (hidden_states, cos, sin, attn_mask, is_causal, past_key_values, output_attentions)
+            if checkpointing:
+                hidden_states, weights = self._gradient_checkpointing_func(layer.__call__, *args)
+            else:
+                hidden_states, weights = layer(*args)
+            if output_attentions:
+                all_attentions.append(weights)
         hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
 
         output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None
+            last_hidden_state=hidden_states,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
         )
         return output if _wants_dict(self.config, return_dict) else output.to_tuple()
 
 
 class ColaForCausalLM(ColaPreTrainedModel, GenerationMixin):
+    # Tells the Trainer the loss honours num_items_in_batch, so it does not divide by the accumulation steps again.
+    accepts_loss_kwargs = True
+
     def __init__(self, config):
         super().__init__(config)
         self.model = ColaModel(config)
@@ -281,13 +355,15 @@ class ColaForCausalLM(ColaPreTrainedModel, GenerationMixin):
         output_hidden_states=None,
         return_dict=None,
         logits_to_keep=0,
+        num_items_in_batch=None,
+        cache=None,
         **kwargs,
     ):
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=past_key_values if past_key_values is not None else cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -301,32 +377,70 @@ class ColaForCausalLM(ColaPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            # Next-token loss: position t predicts labels[t + 1]; -100 marks ignored positions.
-            loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100,
-            )
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+            loss = next_token_loss(logits, labels, num_items_in_batch)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
         return output if _wants_dict(self.config, return_dict) else output.to_tuple()
 
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
     ):
-        # Written out (rather than inherited) so generation behaves the same on every supported transformers.
+        if "cache" in kwargs or "next_sequence_length" in kwargs:
+            # transformers >= 5.2 passes the cache as `cache` and slices by `next_sequence_length`: its generic
+            # preparation fits this model (forward takes `cache`).
+            return super().prepare_inputs_for_generation(
+                input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs
+            )
+        # Earlier releases: written out, as their generic preparation differs from one release to the next.
         past_len = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
-        if past_len > 0:
-            input_ids = input_ids[:, past_len:]
+        total = _sequence_length(input_ids, attention_mask, kwargs.get("cache_position"))
         model_inputs = {
             "past_key_values": past_key_values,
             "attention_mask": attention_mask,
             "use_cache": use_cache,
         }
-        if inputs_embeds is not None and past_len == 0:
-            model_inputs["inputs_embeds"] = inputs_embeds
+        if inputs_embeds is not None and past_len < inputs_embeds.shape[1]:
+            # The prompt was given as embeddings and is not cached yet (every step without a cache): the
+            # embeddings, then the tokens generated so far, which are the last ids.
+            generated = total - inputs_embeds.shape[1]
+            embeds = inputs_embeds[:, past_len:]
+            if generated > 0:
+                new = self.get_input_embeddings()(input_ids[:, -generated:]).to(embeds.dtype)
+                embeds = torch.cat([embeds, new], dim=1)
+            model_inputs["inputs_embeds"] = embeds
         else:
-            model_inputs["input_ids"] = input_ids.contiguous()
+            model_inputs["input_ids"] = input_ids[:, input_ids.shape[1] - (total - past_len):].contiguous()
         return model_inputs
+
+
+def next_token_loss(logits, labels, num_items_in_batch=None):
+    """Position t predicts ``labels[t + 1]``; -100 marks ignored targets. The mean over this batch's targets, or,
+    given ``num_items_in_batch`` (the targets of all accumulated micro-batches), their sum divided by it."""
+    losses = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1).to(logits.device),
+        ignore_index=-100,
+        reduction="mean" if num_items_in_batch is None else "sum",
+    )
+    if num_items_in_batch is None:
+        return losses
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(losses.device)
+    return losses / num_items_in_batch
+
+
+def _sequence_length(input_ids, attention_mask, cache_position):
+    """Positions so far (cached and new), which generation tracks in cache_position and the attention mask."""
+    if cache_position is not None:
+        return int(cache_position[-1]) + 1
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return attention_mask.shape[1]
+    return input_ids.shape[1]
 
 
 def _as_cache(past_key_values):
@@ -401,6 +515,11 @@ def load_cola_state_dict(model, state_dict):
     model.load_state_dict(state_dict, strict=True)
     return model
 
+
+# save_pretrained copies this file and configuration_cola.py next to the weights and writes the auto_map, so a saved
+# copy loads again with trust_remote_code=True.
+ColaModel.register_for_auto_class("AutoModel")
+ColaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "ColaConfig",

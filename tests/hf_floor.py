@@ -1,0 +1,59 @@
+"""The second environment the export suite runs in: the lowest supported transformers and its contemporaries.
+
+Installed once with pip into ``.test-envs/`` (git-ignored) and reused; it holds only these packages and their
+pure-Python dependencies, and borrows torch (and the rest) from the running interpreter through ``PYTHONPATH``
+order. peft and accelerate are installed without dependencies, so pip does not fetch a second torch. The floors in
+pyproject.toml are these versions.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FLOOR = {
+    "transformers": "4.45.2",
+    "tokenizers": "0.20.3",
+    "huggingface_hub": "0.26.5",
+    # The Trainer imports datasets whenever it is installed; the project's one needs a newer huggingface_hub.
+    "datasets": "3.0.1",
+}
+FLOOR_NO_DEPS = {"peft": "0.17.1", "accelerate": "1.0.1"}  # peft 0.17: the first with target_parameters
+
+
+def _specs(packages):
+    return [f"{name}=={version}" for name, version in packages.items()]
+
+
+def environment_dir() -> Path:
+    key = hashlib.sha256(" ".join(_specs(FLOOR) + _specs(FLOOR_NO_DEPS) + [sys.version]).encode()).hexdigest()[:12]
+    return REPO / ".test-envs" / f"hf-floor-{key}"
+
+
+def _pip(target: Path, *args) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-input",
+           "--target", str(target), *args]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    if run.returncode != 0:
+        last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
+        pytest.skip(f"cannot install the lowest supported transformers stack ({last}); PyPI must be reachable once")
+
+
+def ensure_environment() -> Path:
+    """The environment's directory, installed on first use (about a minute, 0.5 GB) and reused afterwards."""
+    target = environment_dir()
+    if (target / ".complete").exists():
+        return target
+    partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    _pip(partial, *_specs(FLOOR))
+    _pip(partial, "--no-deps", *_specs(FLOOR_NO_DEPS))
+    (partial / ".complete").write_text(" ".join(_specs(FLOOR) + _specs(FLOOR_NO_DEPS)) + "\n")
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
