@@ -65,9 +65,14 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from cola_megatron.training.run import run
 
     try:
-        run(cfg)
+        trainer = run(cfg)
     finally:
         destroy_distributed()
+    # launch/train.sh names this file to learn that the run stopped (signal, time limit) before train_iters; it then
+    # exits with its STOPPED_EXIT_CODE, so that an orchestrator retries rather than counts the job as done.
+    marker = os.environ.get("COLA_STOPPED_MARKER")
+    if marker and trainer.state.iteration < cfg.train.train_iters:
+        open(marker, "a").close()
     return 0
 
 

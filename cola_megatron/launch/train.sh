@@ -12,15 +12,17 @@
 #   LOG_DIR         per-rank logs LOG_DIR/rankNNNNN.log (default logs/CONFIG-NAME); rank 0 is also on the console
 #   PYTHON          interpreter with cola-megatron installed (default: .venv/bin/python of this checkout, else python3)
 #   MAX_RESTARTS    torchrun restarts of the whole node after a failure (default 0)
+#   STOPPED_EXIT_CODE  exit status after a stop before train.train_iters (default 0; 143 for Kubernetes)
 # Kubeflow's PET_NNODES, PET_NODE_RANK and PET_NPROC_PER_NODE are used when the variables above are unset.
 #
-# SIGTERM or SIGINT (Slurm preemption or time limit, Kubernetes eviction, Ctrl-C) reaches every training process
-# on this node: they finish the iteration, save a checkpoint (when checkpoint.save_dir is set) and exit 0, and so
-# does this script. torchrun itself ignores SIGTERM so that it waits for that save instead of killing the workers.
+# SIGTERM or SIGINT (Kubernetes eviction, Ctrl-C, kill) reaches every training process on this node once: they
+# finish the iteration, save a checkpoint (when checkpoint.save_dir is set) and exit 0; this script then exits
+# STOPPED_EXIT_CODE. torchrun ignores SIGTERM so that it waits for that save instead of killing the workers.
+# Inside a Slurm job step (srun) Slurm signals every process of the step itself, so nothing is forwarded.
 set -euo pipefail
 
 usage() {
-    sed -n '2,19s/^# \{0,1\}//p' "$0"
+    sed -n '2,21s/^# \{0,1\}//p' "$0"
 }
 
 die() {
@@ -74,6 +76,9 @@ if [[ -z "$NPROC_PER_NODE" ]]; then
 fi
 [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE='$NPROC_PER_NODE' is not a positive integer"
 [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || die "NODE_RANK='$NODE_RANK' is not a node index"
+STOPPED_EXIT_CODE=${STOPPED_EXIT_CODE:-0}
+[[ "$STOPPED_EXIT_CODE" =~ ^[0-9]+$ && "$STOPPED_EXIT_CODE" -le 255 ]] ||
+    die "STOPPED_EXIT_CODE='$STOPPED_EXIT_CODE' is not an exit status 0-255"
 world_size=
 if [[ "$NNODES" =~ ^[1-9][0-9]*$ ]]; then
     world_size=$((NNODES * NPROC_PER_NODE))
@@ -149,6 +154,11 @@ node="node $NODE_RANK of $NNODES"
 [[ -n "${RDZV_ENDPOINT:-}" ]] && node="$NNODES nodes, rendezvous at $RDZV_ENDPOINT"
 echo "launch/train.sh: $node, $NPROC_PER_NODE processes, config $CONFIG, logs in $LOG_DIR/" >&2
 
+# Each training process that stops before train.train_iters touches this file (cola-train reads the variable).
+stopped_marker=$(mktemp "${TMPDIR:-/tmp}/cola-stopped.XXXXXX")
+rm -f "$stopped_marker"
+export COLA_STOPPED_MARKER=$stopped_marker
+
 # torchrun runs in the background with SIGTERM and SIGINT ignored (inherited by it, reset by the trainer), so a
 # signal to this script or to the whole job reaches the workers and only them.
 (
@@ -174,6 +184,10 @@ stop_workers() {
     if [[ "$1" == SIGINT ]] && ((++interrupts > 1)); then
         signal=KILL  # a second Ctrl-C: stop now, without the checkpoint
     fi
+    if [[ -n "${SLURM_STEP_ID:-}" ]]; then
+        echo "launch/train.sh: $1 received: Slurm delivers it to the training processes of this job step" >&2
+        return
+    fi
     echo "launch/train.sh: $1 received: sending SIG$signal to the training processes on this node" >&2
     for pid in $(workers); do
         kill -s "$signal" "$pid" 2>/dev/null || true
@@ -189,7 +203,15 @@ while true; do
     kill -0 "$launcher" 2>/dev/null || break
 done
 
+stopped=0
+if [[ -e "$stopped_marker" ]]; then
+    stopped=1
+    rm -f "$stopped_marker"
+fi
 if [[ "$status" -ne 0 ]]; then
     echo "launch/train.sh: training failed (exit $status); per-rank logs: $LOG_DIR/rank*.log" >&2
+elif [[ "$stopped" == 1 ]]; then
+    echo "launch/train.sh: training stopped before its last iteration; exit $STOPPED_EXIT_CODE" >&2
+    status=$STOPPED_EXIT_CODE
 fi
 exit "$status"
