@@ -77,6 +77,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if __name__ == "__main__" or os.environ.get("COLA_STOPPED_MARKER"):  # a process of its own (not a test caller)
+        from cola_megatron.training.stop import catch_early_sigterm
+
+        catch_early_sigterm()  # a stop during start-up (imports, rendezvous, loading) still ends in a checkpoint
     return run_command("cola-train", _main, argv)
 
 

@@ -101,7 +101,7 @@ JobRequeue=1
 KillWait={kill_wait}
 MinJobAge=600
 SchedulerParameters=sched_interval=2
-NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
 PartitionName=test Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 """
 
@@ -156,6 +156,15 @@ class Cluster:
         raise TimeoutError(f"job {job_id} did not reach {states} in {timeout:.0f} s; last: {info.get('JobState')} "
                            f"{info.get('Reason')}\n{self.logs()}")
 
+    def wait_idle(self, timeout: float = 120) -> None:
+        """Wait until no job holds the node any more (a cancelled job is "completing" until its processes end)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.run("squeue", "-h", "-t", "CG,R", "-o", "%i", check=False).strip():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"jobs still running or completing after {timeout:.0f} s\n{self.logs()}")
+
     def logs(self) -> str:
         out = []
         for name in ("slurmctld.log", "slurmd.log"):
@@ -166,6 +175,13 @@ class Cluster:
         return "\n".join(out)
 
     def stop(self) -> None:
+        # Jobs first (their processes outlive slurmd), then the daemons in reverse order.
+        if self.processes.get("slurmctld") and self.processes["slurmctld"].poll() is None:
+            self.run("scancel", "--full", "--signal=KILL", "--user=root", check=False)
+            try:
+                self.wait_idle(timeout=60)
+            except TimeoutError:
+                pass
         # Reverse order: slurmd, slurmctld, munged; SIGTERM, then SIGKILL after a grace period.
         for name in reversed(list(self.processes)):
             proc = self.processes[name]
@@ -209,9 +225,9 @@ def start(root: str, kill_wait: int = 30) -> Cluster:
     ctld_port, slurmd_port = _free_ports(2)
     conf = os.path.join(root, "slurm.conf")
     with open(conf, "w") as f:
-        f.write(SLURM_CONF.format(host=host, node="colanode", cpus=cpus, root=root, munge_socket=munge_socket,
+        f.write(SLURM_CONF.format(host=host, node=host, cpus=cpus, root=root, munge_socket=munge_socket,
                                   ctld_port=ctld_port, slurmd_port=slurmd_port, kill_wait=kill_wait))
-    cluster = Cluster(root=root, conf=conf, node="colanode", cpus=cpus, install_seconds=install_seconds)
+    cluster = Cluster(root=root, conf=conf, node=host, cpus=cpus, install_seconds=install_seconds)
 
     def daemon(name: str, argv: List[str]) -> None:
         log = open(os.path.join(root, f"{name}.out"), "w")
