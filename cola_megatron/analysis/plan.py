@@ -630,7 +630,7 @@ def template_values(best: Estimate, config_path: str, cluster: Cluster, job_name
         "PROCS_PER_POD": procs,
         "PODS": pods,
         "DEVICES": f"{procs} CPU training processes" if cpu else f"{procs} GPUs",
-        "SBATCH_DEVICE": [] if cpu else [f"#SBATCH --gpus-per-node={procs}"],
+        "SBATCH_DEVICE": [] if cpu else [f"--gpus-per-node={procs}"],
         "RESOURCES": resources,
         "SHM_SIZE": f"{shm}Gi",
         "WORKER_SPEC": worker_spec,
