@@ -40,10 +40,11 @@ MODEL = [
 ]
 LAYOUT = ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]
 
-# Slurm checks time limits every 30 s and sends the signal up to that much early: --signal=B:USR1@25 on a 1-minute
-# limit arrives 5-35 s after the start, the limit itself 30 s after the signal. The run lasts longer than that.
-TIME_LIMIT = ["--time=1", "--signal=B:USR1@25"]
-JOB_TIMEOUT = 240
+# Slurm checks time limits every 30 s and sends the signal up to that much early: --signal=B:USR1@85 on a 2-minute
+# limit arrives 5-35 s after the start, the limit itself at least 85 s after the signal, time for a slow start-up
+# and the save. The run lasts longer than the signal's window.
+TIME_LIMIT = ["--time=2", "--signal=B:USR1@85"]
+JOB_TIMEOUT = 300
 
 # Counts, in every training process, the SIGTERMs that reach the stop handler cola-train installs.
 SIGNAL_PROBE = '''
