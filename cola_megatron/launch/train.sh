@@ -233,8 +233,12 @@ while kill -0 "$launcher" 2>/dev/null; do
     sleep 0.5 &
     wait "$!" 2>/dev/null || true
 done
+# `wait` returns early when a trapped signal arrives; keep waiting until torchrun itself has exited.
 status=0
-wait "$launcher" || status=$?
+while true; do
+    wait "$launcher" && status=0 || status=$?
+    kill -0 "$launcher" 2>/dev/null || break
+done
 
 stopped=0
 if [[ -e "$stopped_marker" ]]; then
