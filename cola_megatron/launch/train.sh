@@ -227,16 +227,18 @@ trap interrupt_workers INT
 # A SIGTERM that came before torchrun started reached no training process.
 [[ -n "$stop_pending" ]] && stop_pending=forward
 
-# Wait for torchrun, waking up to pass on a stop that no training process could take yet.
+# Wait for torchrun, waking up to pass on a stop that no training process could take yet. `wait` returns early when
+# a trapped signal arrives (bash then leaves the script under `set -e` even in a `||` list): no errexit from here.
+set +e
 while kill -0 "$launcher" 2>/dev/null; do
     if [[ -n "$stop_pending" ]]; then request_stop forward; fi
-    sleep 0.5 &
-    wait "$!" 2>/dev/null || true
+    (trap '' TERM INT; exec sleep 0.5) &
+    wait "$!" 2>/dev/null
 done
-# `wait` returns early when a trapped signal arrives; keep waiting until torchrun itself has exited.
 status=0
 while true; do
-    wait "$launcher" && status=0 || status=$?
+    wait "$launcher"
+    status=$?
     kill -0 "$launcher" 2>/dev/null || break
 done
 
