@@ -124,14 +124,9 @@ def _records(run_dir) -> List[Tuple[int, float]]:
     return [(r["iteration"], r["loss"]) for r in records if r["kind"] == "train"]
 
 
-def _segments(records) -> List[List[Tuple[int, float]]]:
-    """The metrics of each start of the run: a new one begins where the iteration does not go up by one."""
-    segments: List[List[Tuple[int, float]]] = []
-    for it, loss in records:
-        if not segments or it != segments[-1][-1][0] + 1:
-            segments.append([])
-        segments[-1].append((it, loss))
-    return segments
+def _after(records, earlier) -> List[Tuple[int, float]]:
+    """The records a later part of the run appended to metrics.jsonl."""
+    return records[len(earlier):]
 
 
 def _latest(run_dir) -> int:
@@ -281,28 +276,30 @@ def test_time_limit_saves_requeues_and_resumes(stop_paths):
     out = p["time_limit_output"]
     assert "SIGUSR1 (time limit near)" in out and "requeueing job" in out, out[-3000:]
     assert "stopped at iteration" in out and "(signal)" in out
-    first = _segments(p["records_time_limit"])
-    assert len(first) == 1 and first[0][0][0] == 1
-    stopped_at = first[0][-1][0]
+    first = p["records_time_limit"]
+    assert [it for it, _ in first] == list(range(1, len(first) + 1))
+    stopped_at = first[-1][0]
     assert 0 < stopped_at < ITERS and p["after_time_limit"] == stopped_at  # saved where it stopped
+    assert int(p["requeued"]["Restarts"]) == 1
     # The requeued start resumed from that checkpoint.
-    assert _segments(p["records_scancel"])[1][0][0] == stopped_at + 1
+    assert _after(p["records_scancel"], first)[0][0] == stopped_at + 1
 
 
 def test_scancel_saves_and_resubmission_resumes(stop_paths):
     p = stop_paths
     assert p["cancelled"]["JobState"] == "CANCELLED"
-    resumed = _segments(p["records_scancel"])[1]
+    resumed = _after(p["records_scancel"], p["records_time_limit"])
     assert p["after_scancel"] == resumed[-1][0]  # the cancelled job saved its last iteration
-    assert _segments(p["records_killed"])[2][0][0] == p["after_scancel"] + 1
+    assert _after(p["records_killed"], p["records_scancel"])[0][0] == p["after_scancel"] + 1
 
 
 def test_killed_task_fails_the_job_and_resubmission_resumes(stop_paths):
     p = stop_paths
     assert p["killed"]["JobState"] == "FAILED", p["killed_output"][-3000:]
     assert p["failed_after_s"] < 120
-    segments = _segments(p["records"])
-    assert segments[-1][0][0] == p["killed_checkpoint"] + 1  # from the last complete checkpoint, not a partial one
+    last = _after(p["records"], p["records_killed"])
+    assert last[0][0] == p["killed_checkpoint"] + 1  # from the last complete checkpoint, not a partial one
+    assert last[-1][0] == ITERS
     assert p["final"]["JobState"] == "COMPLETED", p["final_output"][-3000:]
 
 
