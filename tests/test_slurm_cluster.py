@@ -308,16 +308,21 @@ def test_interrupted_run_has_the_uninterrupted_losses(stop_paths):
     assert sorted(by_iteration) == list(range(1, ITERS + 1))
     reference = stop_paths["single"]
     assert [it for it, _ in reference] == list(range(1, ITERS + 1))
-    assert [by_iteration[i] for i in range(1, ITERS + 1)] == pytest.approx([loss for _, loss in reference], rel=1e-5)
+    # TP2 against one process: rounding differs; late losses are near 0.007, hence the absolute floor.
+    assert [by_iteration[i] for i in range(1, ITERS + 1)] == pytest.approx([loss for _, loss in reference], rel=1e-5,
+                                                                          abs=1e-6)
 
 
 def test_each_stopped_process_gets_one_sigterm(stop_paths):
-    received = stop_paths["signals"]
-    by_part: Dict[Tuple[str, str], List[str]] = {}
-    for pid, lines in received.items():
-        assert len(lines) == 1, f"process {pid} got SIGTERM {len(lines)} times: {lines}"
-        rank, job, restart = lines[0].split()
-        by_part.setdefault((job, restart), []).append(rank)
+    """The time limit and scancel (the stop paths) deliver one SIGTERM to every training process. (After a SIGKILL,
+    torchrun and then Slurm each stop the survivors: that job is failing, not saving.)"""
     time_limit = str(stop_paths["time_limit_job"])
+    by_part: Dict[Tuple[str, str], List[str]] = {}
+    for pid, lines in stop_paths["signals"].items():
+        rank, job, restart = lines[0].split()
+        if job != time_limit:
+            continue
+        assert len(lines) == 1, f"process {pid} got SIGTERM {len(lines)} times: {lines}"
+        by_part.setdefault((job, restart), []).append(rank)
     assert sorted(by_part[(time_limit, "0")]) == ["0", "1"]  # the time limit
     assert sorted(by_part[(time_limit, "1")]) == ["0", "1"]  # scancel
