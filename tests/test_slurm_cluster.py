@@ -225,9 +225,8 @@ def stop_paths(slurm, job_script, uninterrupted, tmp_path_factory):
     parts["requeued"] = info
     parts["after_time_limit"] = _latest(run_dir)
     parts["records_time_limit"] = _records(run_dir)
-    # Slurm makes a requeued job eligible two minutes later; release it now, with a limit it cannot reach.
+    # Eligible again after the credential lifetime (10 s on this cluster); with a limit it cannot reach now.
     slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
-    slurm.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
     # 2. scancel of the resumed job: SIGTERM to every process, a save, CANCELLED.
     _wait_iteration(slurm, job, run_dir, parts["after_time_limit"] + 3)
