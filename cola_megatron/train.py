@@ -67,16 +67,25 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     from cola_megatron.training.run import run
 
     try:
-        run(cfg)
+        trainer = run(cfg)
     finally:
         if "torch.distributed" in sys.modules:  # not when the up-front checks stopped the run before torch
             from cola_megatron.training.distributed import destroy_distributed
 
             destroy_distributed()
+    # launch/train.sh names this file to learn that the run stopped (signal, time limit) before train_iters; it then
+    # exits with its STOPPED_EXIT_CODE, so that an orchestrator retries rather than counts the job as done.
+    marker = os.environ.get("COLA_STOPPED_MARKER")
+    if marker and trainer.state.iteration < cfg.train.train_iters:
+        open(marker, "a").close()
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if __name__ == "__main__" or os.environ.get("COLA_STOPPED_MARKER"):  # a process of its own (not a test caller)
+        from cola_megatron.training.stop import catch_early_sigterm
+
+        catch_early_sigterm()  # a stop during start-up (imports, rendezvous, loading) still ends in a checkpoint
     return run_command("cola-train", _main, argv)
 
 

@@ -130,6 +130,52 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     assert "stopped at iteration" in out and "(signal)" in out
 
 
+def _checkpoints(save_dir) -> list:
+    return sorted(n for n in os.listdir(save_dir) if n.startswith("iter_"))
+
+
+def test_training_operator_environment(tmp_path):
+    """The variables the training-operator sets on a pod (PET_*: torchrun's, WORLD_SIZE and RANK: the pod's):
+    2 local ranks train and checkpoint; a SIGTERM (eviction) saves and exits STOPPED_EXIT_CODE, retryable for the
+    operator; started again, the pod resumes from that checkpoint and finishes with 0."""
+    save_dir = tmp_path / "ckpt"
+    port = _free_port()
+    operator = dict(PET_NNODES=1, PET_NODE_RANK=0, PET_NPROC_PER_NODE=2, WORLD_SIZE=1, RANK=0, MASTER_PORT=port,
+                    STOPPED_EXIT_CODE=143)
+    env_cleared = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "NPROC_PER_NODE")}
+    # decay_iters fixed: the learning-rate schedule does not depend on train_iters, which the second start lowers.
+    overrides = [*TINY, "train.train_iters=100000", "optimizer.decay_iters=10", f"checkpoint.save_dir={save_dir}",
+                 "checkpoint.save_interval=2"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "environ", env_cleared)
+        proc = _start(tmp_path, "pod", overrides, **operator)
+    deadline = time.monotonic() + TIMEOUT
+    while "iter       3/" not in _output(tmp_path, "pod"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _finish([proc], tmp_path, ["pod"])
+            pytest.fail("training did not start:\n" + _output(tmp_path, "pod")[-3000:])
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)
+    _finish([proc], tmp_path, ["pod"])
+    out = _output(tmp_path, "pod")
+    assert proc.returncode == 143, out[-3000:]
+    assert "node 0 of 1, 2 processes" in out and "stopped at iteration" in out
+    stopped = int(out.split("stopped at iteration ")[1].split()[0])
+    assert _checkpoints(save_dir)[-1] == f"iter_{stopped:07d}" and "iter_0000002" in _checkpoints(save_dir)
+    assert sorted(os.listdir(tmp_path / "pod" / "logs")) == ["rank00000.log", "rank00001.log"]
+
+    # Recreated by the operator: resumes, runs to the (now reachable) end and exits 0.
+    final = stopped + 2
+    overrides[overrides.index("train.train_iters=100000")] = f"train.train_iters={final}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "environ", env_cleared)
+        proc = _start(tmp_path, "pod-again", overrides, **dict(operator, MASTER_PORT=_free_port()))
+    _finish([proc], tmp_path, ["pod-again"])
+    again = _output(tmp_path, "pod-again")
+    assert proc.returncode == 0, again[-3000:]
+    assert [i for i, _ in _losses(tmp_path, "pod-again")] == [stopped + 1, stopped + 2]
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Input errors: one message before anything starts
 
@@ -249,14 +295,89 @@ def test_rendered_sbatch_passes_bash_and_shellcheck(rendered_demo, shellcheck):
     assert result.returncode == 0, result.stdout
 
 
-def test_rendered_pytorchjob_is_valid_yaml(rendered_demo):
-    _, job = rendered_demo
-    doc = yaml.safe_load(job.read_text())
-    assert doc["kind"] == "PyTorchJob" and doc["spec"]["nprocPerNode"] == "2"
-    replicas = doc["spec"]["pytorchReplicaSpecs"]
-    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 1
-    container = replicas["Worker"]["template"]["spec"]["containers"][0]
-    assert container["name"] == "pytorch" and container["command"] == ["launch/train.sh"]
-    assert container["args"][0] == DEMO
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
-    assert any(a.startswith("parallel.tensor_parallel=") for a in container["args"])
+# --------------------------------------------------------------------------------------------------------------
+# PyTorchJobs against the training-operator's API models (the `kubeflow-training` package)
+
+RESTART_POLICIES = {"Always", "OnFailure", "Never", "ExitCode"}  # the operator's ReplicaSpec.restartPolicy values
+
+
+class _Response:
+    """What ApiClient.deserialize reads: a JSON body."""
+
+    def __init__(self, doc):
+        self.data = json.dumps(doc)
+
+
+def _pytorchjob_model(doc):
+    """Deserialize into the operator's PyTorchJob model and back: a field the model does not know (a typo, a
+    misplaced key) is dropped and a wrongly typed value comes back changed, so the round trip must be exact."""
+    api = pytest.importorskip("kubeflow.training.api_client", reason="pip install kubeflow-training")
+    client = api.ApiClient()
+    job = client.deserialize(_Response(doc), "KubeflowOrgV1PyTorchJob")
+    assert client.sanitize_for_serialization(job) == doc
+    return job
+
+
+def _render_k8s(tmp_path, *args):
+    from cola_megatron.analysis import plan
+
+    out = tmp_path / "job.yaml"
+    assert plan.main(["--config", DEMO, "--gpu-memory-gib", "16", "--top", "1", *args,
+                      "--render-k8s", str(out)]) == 0
+    return yaml.safe_load(out.read_text())
+
+
+def _check_pod(job, procs: int, gpus: bool, config: str = DEMO):
+    for name, spec in job.spec.pytorch_replica_specs.items():
+        assert name in ("Master", "Worker") and spec.restart_policy == "ExitCode"
+        pod = spec.template.spec
+        container = pod.containers[0]
+        assert container.name == "pytorch" and container.command == ["launch/train.sh"]
+        assert container.args[0] == config
+        assert any(a.startswith("parallel.tensor_parallel=") for a in container.args)
+        env = {e.name: e.value for e in container.env}
+        assert env["STOPPED_EXIT_CODE"] == "143"  # retryable under ExitCode: a saved stop is run again
+        resources = container.resources
+        assert resources.requests == resources.limits
+        assert set(resources.limits) == ({"cpu", "memory", "nvidia.com/gpu"} if gpus else {"cpu", "memory"})
+        if gpus:
+            assert resources.limits["nvidia.com/gpu"] == str(procs)
+        shm = [v for v in pod.volumes if v.name == "dshm"][0]
+        assert shm.empty_dir.medium == "Memory" and shm.empty_dir.size_limit.endswith("Gi")
+        assert {m.mount_path: m.name for m in container.volume_mounts}["/dev/shm"] == "dshm"
+
+
+def test_rendered_multi_node_pytorchjob_matches_the_operator_model(rendered_demo):
+    _, path = rendered_demo
+    doc = yaml.safe_load(path.read_text())
+    job = _pytorchjob_model(doc)
+    assert job.kind == "PyTorchJob" and job.spec.nproc_per_node == "2"
+    replicas = job.spec.pytorch_replica_specs
+    assert replicas["Master"].replicas == 1 and replicas["Worker"].replicas == 1
+    assert job.spec.run_policy.scheduling_policy.min_available == 2  # the gang: every pod or none
+    _check_pod(job, 2, gpus=True)
+
+
+def test_rendered_single_node_pytorchjob_has_no_worker(tmp_path):
+    doc = _render_k8s(tmp_path, "--nodes", "1", "--gpus-per-node", "2")
+    job = _pytorchjob_model(doc)
+    assert list(job.spec.pytorch_replica_specs) == ["Master"]
+    assert job.spec.run_policy.scheduling_policy.min_available == 1
+    _check_pod(job, 2, gpus=True)
+
+
+def test_rendered_cpu_pytorchjob_requests_no_gpu(tmp_path):
+    doc = _render_k8s(tmp_path, "--nodes", "2", "--gpus-per-node", "2", "--device", "cpu")
+    job = _pytorchjob_model(doc)
+    assert job.spec.run_policy.scheduling_policy.min_available == 2
+    _check_pod(job, 2, gpus=False)
+
+
+def test_shipped_pytorchjob_matches_the_operator_model():
+    with open(os.path.join(REPO, "launch", "k8s", "pytorchjob.yaml")) as f:
+        job = _pytorchjob_model(yaml.safe_load(f))
+    assert job.spec.pytorch_replica_specs["Worker"].replicas == 7
+    assert job.spec.run_policy.scheduling_policy.min_available == 8
+    for spec in job.spec.pytorch_replica_specs.values():
+        assert spec.restart_policy in RESTART_POLICIES
+    _check_pod(job, 8, gpus=True, config="configs/cola/llama_7b.yaml")

@@ -597,20 +597,52 @@ def render(template: str, values: Dict[str, object]) -> str:
 TEMPLATES = {"slurm": ("slurm", "template.sbatch"), "k8s": ("k8s", "pytorchjob.template.yaml")}
 
 
+# Per-pod requests of the PyTorchJob: placeholders to adjust to the nodes (the plan predicts GPU memory only).
+K8S_CPUS_PER_GPU, K8S_MEMORY_GIB_PER_GPU, K8S_SHM_GIB_PER_GPU = 8, 64, 8
+K8S_MEMORY_GIB_PER_CPU_PROCESS, K8S_SHM_GIB_PER_CPU_PROCESS = 4, 1
+
+
 def template_values(best: Estimate, config_path: str, cluster: Cluster, job_name: str,
-                    command: str) -> Dict[str, object]:
-    """Placeholder values of the launch templates for the chosen layout; ``command`` re-renders the file."""
+                    command: str, device: str = "cuda") -> Dict[str, object]:
+    """Placeholder values of the launch templates for the chosen layout; ``command`` re-renders the file.
+
+    ``device="cpu"`` renders a job without GPUs: ``cluster.gpus_per_node`` is then the number of training
+    processes per node (gloo on the CPU).
+    """
     mem = best.memory
+    procs = cluster.gpus_per_node
+    cpu = device == "cpu"
+    unit = "processes" if cpu else "GPUs"
+    if cpu:
+        resources = [f'cpu: "{procs}"', f"memory: {procs * K8S_MEMORY_GIB_PER_CPU_PROCESS}Gi"]
+        shm = procs * K8S_SHM_GIB_PER_CPU_PROCESS
+    else:
+        resources = [f'cpu: "{procs * K8S_CPUS_PER_GPU}"', f"memory: {procs * K8S_MEMORY_GIB_PER_GPU}Gi",
+                     f'nvidia.com/gpu: "{procs}"']
+        shm = procs * K8S_SHM_GIB_PER_GPU
+    workers = cluster.nodes - 1
+    # A single-node job has no Worker replica type at all (the operator rejects replicas: 0).
+    worker_spec = ["    Worker:", f"      replicas: {workers}", "      restartPolicy: ExitCode",
+                   "      template: *pod"] if workers else []
+    pods = "one master pod" + (f" and {workers} worker pod{'s' if workers > 1 else ''}" if workers else "")
     return {
         "JOB_NAME": job_name,
         "NODES": cluster.nodes,
-        "WORKERS": cluster.nodes - 1,
-        "GPUS_PER_NODE": cluster.gpus_per_node,
+        "WORKERS": workers,
+        "GPUS_PER_NODE": procs,
+        "PROCS_PER_POD": procs,
+        "PODS": pods,
+        "DEVICES": f"{procs} CPU training processes" if cpu else f"{procs} GPUs",
+        "SBATCH_DEVICE": [] if cpu else [f"--gpus-per-node={procs}"],
+        "RESOURCES": resources,
+        "SHM_SIZE": f"{shm}Gi",
+        "WORKER_SPEC": worker_spec,
         "CONFIG": config_path,
         "LAYOUT": best.layout.overrides(),
         "PLAN": [
-            f"layout {best.layout.label()} on {cluster.nodes} x {cluster.gpus_per_node} GPUs of "
-            f"{cluster.gpu_memory_gib:g} GiB: predicted {mem.total / GIB:.1f} GiB per GPU",
+            f"layout {best.layout.label()} on {cluster.nodes} x {procs} {unit}"
+            + ("" if cpu else f" of {cluster.gpu_memory_gib:g} GiB")
+            + f": predicted {mem.total / GIB:.1f} GiB per {'process' if cpu else 'GPU'}",
             f"(model states {mem.model_states / GIB:.1f}, activations {mem.activations / GIB:.1f}), "
             f"step {best.step_s:.2f} s; re-render with:",
             command,
@@ -674,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-distributed-optimizer", action="store_true", help="replicate the optimizer over DP")
     s.add_argument("--evaluate", action="store_true", help="only the layout the config (and overrides) selects")
     s.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="kernels to predict activations for (cpu: torch's composite RMSNorm)")
+                   help="kernels to predict activations for (cpu: torch's composite RMSNorm); with cpu, rendered "
+                        "launch files run --gpus-per-node CPU processes per node and request no GPUs")
     o = p.add_argument_group("output")
     o.add_argument("--top", type=COUNT, default=15, help="layouts to print")
     o.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -720,7 +753,7 @@ def _command(args, flag: str, out_path: str) -> str:
              str(args.gpus_per_node), "--gpu-memory-gib", f"{args.gpu_memory_gib:g}"]
     defaults = build_parser().parse_args(["--config", args.config])
     for name in ("nvlink_gbs", "network_gbs", "gpu_tflops", "reserve_gib", "gemm_efficiency", "gemm_half_tokens",
-                 "recompute", "job_name"):
+                 "recompute", "device", "job_name"):
         if getattr(args, name) != getattr(defaults, name):
             parts += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.no_distributed_optimizer:
@@ -786,7 +819,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return 1
     for kind, path in outputs:
         command = _command(args, f"--render-{kind}", path)
-        values = template_values(best, args.config, cluster, args.job_name or _job_name(args.config), command)
+        values = template_values(best, args.config, cluster, args.job_name or _job_name(args.config), command,
+                                 args.device)
         render_launch_file(kind, path, values)
         print(f"cola-plan: wrote {path}", file=sys.stderr)
     return 0 if best.fits else 1

@@ -15,11 +15,11 @@ else
     exec >>"$log" 2>&1
 fi
 
-# torchrun was started with SIGTERM and SIGINT ignored, which bash cannot undo: restore the default dispositions
-# in a small Python step, then become the training process (which installs its own stop handlers).
+# torchrun was started with SIGTERM and SIGINT ignored, which bash cannot undo: restore SIGINT's default in a small
+# Python step, then become the training process. SIGTERM stays ignored until cola-train installs its handler, first
+# thing, so that a stop during start-up never kills it (launch/train.sh passes such a stop on afterwards).
 python=$1
 shift
 exec "$python" -c 'import os, signal, sys
-for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.SIG_DFL)
 os.execv(sys.executable, [sys.executable, *sys.argv[1:]])' "$@"

@@ -12,15 +12,18 @@
 #   LOG_DIR         per-rank logs LOG_DIR/rankNNNNN.log (default logs/CONFIG-NAME); rank 0 is also on the console
 #   PYTHON          interpreter with cola-megatron installed (default: .venv/bin/python of this checkout, else python3)
 #   MAX_RESTARTS    torchrun restarts of the whole node after a failure (default 0)
+#   STOPPED_EXIT_CODE  exit status after a stop before train.train_iters (default 0; 143 for Kubernetes)
 # Kubeflow's PET_NNODES, PET_NODE_RANK and PET_NPROC_PER_NODE are used when the variables above are unset.
 #
-# SIGTERM or SIGINT (Slurm preemption or time limit, Kubernetes eviction, Ctrl-C) reaches every training process
-# on this node: they finish the iteration, save a checkpoint (when checkpoint.save_dir is set) and exit 0, and so
-# does this script. torchrun itself ignores SIGTERM so that it waits for that save instead of killing the workers.
+# SIGTERM or SIGINT (Kubernetes eviction, Ctrl-C, kill) reaches every training process on this node once: they
+# finish the iteration, save a checkpoint (when checkpoint.save_dir is set) and exit 0; this script then exits
+# STOPPED_EXIT_CODE. torchrun ignores SIGTERM so that it waits for that save instead of killing the workers. A
+# stop that comes while the processes start is passed on once they can take it. Inside a Slurm job step (srun)
+# Slurm signals every process of the step itself, so nothing is forwarded then.
 set -euo pipefail
 
 usage() {
-    sed -n '2,19s/^# \{0,1\}//p' "$0"
+    sed -n '2,22s/^# \{0,1\}//p' "$0"
 }
 
 die() {
@@ -37,6 +40,9 @@ elif [[ $# -lt 1 ]]; then
 fi
 CONFIG=$1
 shift
+# A stop asked for before the training processes can take it is passed on to them once they can (see below).
+stop_pending=
+trap 'stop_pending=1' TERM
 [[ -f "$CONFIG" ]] || die "config file '$CONFIG' does not exist; pass a YAML file such as configs/demo.yaml"
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -74,6 +80,9 @@ if [[ -z "$NPROC_PER_NODE" ]]; then
 fi
 [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE='$NPROC_PER_NODE' is not a positive integer"
 [[ "$NODE_RANK" =~ ^[0-9]+$ ]] || die "NODE_RANK='$NODE_RANK' is not a node index"
+STOPPED_EXIT_CODE=${STOPPED_EXIT_CODE:-0}
+[[ "$STOPPED_EXIT_CODE" =~ ^[0-9]+$ && "$STOPPED_EXIT_CODE" -le 255 ]] ||
+    die "STOPPED_EXIT_CODE='$STOPPED_EXIT_CODE' is not an exit status 0-255"
 world_size=
 if [[ "$NNODES" =~ ^[1-9][0-9]*$ ]]; then
     world_size=$((NNODES * NPROC_PER_NODE))
@@ -85,7 +94,8 @@ fi
 # --- Validate the config before starting anything (one clear error instead of N failing ranks) -------------
 
 # Prints the tensor-parallel size; exits 2 with the config error.
-tensor_parallel=$("$PYTHON" - "$CONFIG" "$world_size" "$@" <<'EOF'
+# shellcheck disable=SC2016  # ignoring SIGTERM: a stop (Slurm signals the whole step) must not look like a bad config
+tensor_parallel=$(trap '' TERM; exec "$PYTHON" - "$CONFIG" "$world_size" "$@" <<'EOF'
 import sys
 
 from cola_megatron.config import ConfigError, load_config
@@ -149,8 +159,14 @@ node="node $NODE_RANK of $NNODES"
 [[ -n "${RDZV_ENDPOINT:-}" ]] && node="$NNODES nodes, rendezvous at $RDZV_ENDPOINT"
 echo "launch/train.sh: $node, $NPROC_PER_NODE processes, config $CONFIG, logs in $LOG_DIR/" >&2
 
-# torchrun runs in the background with SIGTERM and SIGINT ignored (inherited by it, reset by the trainer), so a
-# signal to this script or to the whole job reaches the workers and only them.
+# Each training process that stops before train.train_iters touches this file (cola-train reads the variable).
+stopped_marker=$(mktemp "${TMPDIR:-/tmp}/cola-stopped.XXXXXX")
+rm -f "$stopped_marker"
+export COLA_STOPPED_MARKER=$stopped_marker
+
+# torchrun runs in the background with SIGTERM and SIGINT ignored (inherited by it; rank_log.sh restores SIGINT and
+# cola-train installs its SIGTERM handler first thing), so a signal to this script or to the whole job reaches the
+# workers and only them, and never kills one that is still starting.
 (
     trap '' TERM INT
     exec "$PYTHON" -m torch.distributed.run "${torchrun_args[@]}" --no-python \
@@ -158,7 +174,7 @@ echo "launch/train.sh: $node, $NPROC_PER_NODE processes, config $CONFIG, logs in
 ) &
 launcher=$!
 
-# shellcheck disable=SC2317  # workers and stop_workers run from the traps below
+# shellcheck disable=SC2317  # the functions below run from the traps
 workers() {
     if [[ -r "/proc/$launcher/task/$launcher/children" ]]; then
         cat "/proc/$launcher/task/$launcher/children"
@@ -167,29 +183,74 @@ workers() {
     fi
 }
 
+# Whether a process has a SIGTERM handler installed (bit 15 of SigCgt): a training process past its first steps.
+# shellcheck disable=SC2317
+catches_sigterm() {
+    local mask
+    mask=$(awk '/^SigCgt:/ { print $2 }' "/proc/$1/status" 2>/dev/null) || return 1
+    [[ -n "$mask" ]] && (((16#$mask >> 14) & 1))
+}
+
+# One SIGTERM to each training process that can take it; the ranks agree on the stop, so reaching one is enough.
+# Inside a Slurm job step Slurm has signalled every process of the step itself: then only when none could take it.
+# shellcheck disable=SC2317
+request_stop() {
+    local pid ready=()
+    for pid in $(workers); do
+        if catches_sigterm "$pid"; then ready+=("$pid"); fi
+    done
+    if [[ ${#ready[@]} -eq 0 ]]; then
+        stop_pending=1  # none started yet: ask again below, once one can take it
+        return
+    fi
+    stop_pending=
+    if [[ -n "${SLURM_STEP_ID:-}" && "$1" == slurm ]]; then
+        echo "launch/train.sh: SIGTERM received: Slurm delivers it to the training processes of this job step" >&2
+        return
+    fi
+    echo "launch/train.sh: stop requested: sending SIGTERM to the training processes on this node" >&2
+    kill -s TERM "${ready[@]}" 2>/dev/null || true
+}
+
 interrupts=0
 # shellcheck disable=SC2317
-stop_workers() {
-    local signal=TERM pid
-    if [[ "$1" == SIGINT ]] && ((++interrupts > 1)); then
-        signal=KILL  # a second Ctrl-C: stop now, without the checkpoint
-    fi
-    echo "launch/train.sh: $1 received: sending SIG$signal to the training processes on this node" >&2
-    for pid in $(workers); do
-        kill -s "$signal" "$pid" 2>/dev/null || true
-    done
+interrupt_workers() {
+    local signal=INT
+    ((++interrupts > 1)) && signal=KILL  # a second Ctrl-C: stop now, without the checkpoint
+    [[ -n "${SLURM_STEP_ID:-}" ]] && return  # srun forwards Ctrl-C to every process of the step
+    echo "launch/train.sh: SIGINT received: sending SIG$signal to the training processes on this node" >&2
+    # shellcheck disable=SC2046
+    kill -s "$signal" $(workers) 2>/dev/null || true
 }
-trap 'stop_workers SIGTERM' TERM
-trap 'stop_workers SIGINT' INT
+trap 'request_stop slurm' TERM
+trap interrupt_workers INT
+# A SIGTERM that came before torchrun started reached no training process.
+[[ -n "$stop_pending" ]] && stop_pending=forward
 
-# `wait` returns early when a trapped signal arrives; keep waiting until torchrun itself has exited.
+# Wait for torchrun, waking up to pass on a stop that no training process could take yet. `wait` returns early when
+# a trapped signal arrives (bash then leaves the script under `set -e` even in a `||` list): no errexit from here.
+set +e
+while kill -0 "$launcher" 2>/dev/null; do
+    if [[ -n "$stop_pending" ]]; then request_stop forward; fi
+    (trap '' TERM INT; exec sleep 0.5) &
+    wait "$!" 2>/dev/null
+done
 status=0
 while true; do
-    wait "$launcher" && status=0 || status=$?
+    wait "$launcher"
+    status=$?
     kill -0 "$launcher" 2>/dev/null || break
 done
 
+stopped=0
+if [[ -e "$stopped_marker" ]]; then
+    stopped=1
+    rm -f "$stopped_marker"
+fi
 if [[ "$status" -ne 0 ]]; then
     echo "launch/train.sh: training failed (exit $status); per-rank logs: $LOG_DIR/rank*.log" >&2
+elif [[ "$stopped" == 1 ]]; then
+    echo "launch/train.sh: training stopped before its last iteration; exit $STOPPED_EXIT_CODE" >&2
+    status=$STOPPED_EXIT_CODE
 fi
 exit "$status"

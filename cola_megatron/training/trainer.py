@@ -24,6 +24,7 @@ from cola_megatron.errors import TrainingStopped
 from cola_megatron.training.batches import MicroBatches
 from cola_megatron.training.checkpoint import CheckpointManager, ResumePoint
 from cola_megatron.training.metrics import MetricsSink, format_train_line, peak_memory_gib, peak_tflops, throughput
+from cola_megatron.training.stop import early_signal
 from cola_megatron.models.accounting import count_parameters, hardware_flops_per_token, training_flops_per_token
 from cola_megatron.models.build import build_model, transformer_config
 from cola_megatron.models.init import initialize_parameters
@@ -50,7 +51,7 @@ class _StopSignal:
     """SIGTERM/SIGINT set a flag; the loop finishes the iteration, checkpoints and exits 0 (Slurm preemption)."""
 
     def __init__(self):
-        self.received: Optional[int] = None
+        self.received: Optional[int] = early_signal()  # a stop asked for during start-up counts too
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
