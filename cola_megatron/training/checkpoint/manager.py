@@ -424,6 +424,7 @@ class CheckpointManager:
         from megatron.core import dist_checkpointing
 
         self._check_finite()
+        self._finalize_async(blocking=True)  # at most one save in flight; the previous one commits first
         it = self.train_state.iteration
         name = checkpoint_name(it)
         path = os.path.join(self.save_dir, name)
@@ -464,7 +465,6 @@ class CheckpointManager:
             _say(f"cola-train: saved checkpoint {path}")
 
         if asynchronous:
-            self._finalize_async(blocking=True)  # at most one save in flight
             request.add_finalize_fn(commit)
             self._queue().schedule_async_request(request)
             self.last_saved_iteration = it

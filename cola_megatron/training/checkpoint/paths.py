@@ -161,8 +161,8 @@ _REPLACED = re.compile(r"^(iter_\d{7})\.replaced-\d+$")
 def apply_retention(save_dir: str, newest: str, keep: int, protected: Iterable[str] = ()) -> None:
     """Keep the newest ``keep`` complete checkpoints up to ``newest`` (and always those in ``protected``).
 
-    ``iter_N.replaced-K`` directories (checkpoints a re-run superseded, see :func:`clear_target`) go once they
-    are older than the newest ``keep``."""
+    ``iter_N.replaced-K`` directories (checkpoints a re-run superseded, see :func:`clear_target`) go once the
+    re-run committed a checkpoint past them."""
     if not keep:
         return
     newest_it = checkpoint_iteration(newest)
@@ -171,8 +171,7 @@ def apply_retention(save_dir: str, newest: str, keep: int, protected: Iterable[s
     for name in older[:-keep] if len(older) > keep else []:
         if name not in protected:
             shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
-    window_start = checkpoint_iteration(older[-keep:][0]) if older else newest_it
     for name in os.listdir(save_dir):
         match = _REPLACED.match(name)
-        if match and checkpoint_iteration(match.group(1)) < window_start:
+        if match and checkpoint_iteration(match.group(1)) < newest_it:
             shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
