@@ -254,3 +254,24 @@ def test_checkpoint_bad_input(chains, tmp_path):
         assert len(lines) == 1 and re.search(case.message, lines[0]) and "Fix:" in lines[0], \
             f"{case.id}: {lines}"
         assert after == before, f"{case.id}: files changed"
+
+
+def test_resume_settings_keys(chains):
+    """scheduler_from=checkpoint adopts the checkpoint's optimizer section (decay length pinned), =config keeps
+    the config's; allow_different_run lets another seed continue the checkpoint."""
+    from cola_megatron.config import load_config
+    from cola_megatron.training.checkpoint import plan_resume
+
+    save_dir = os.path.join(chains["root"], "reference")
+
+    def cfg(*overrides):
+        return load_config("configs/demo.yaml", [*CLI[5:], f"checkpoint.save_dir={save_dir}", *overrides])
+
+    kept = cfg("optimizer.lr=1e-4", "optimizer.decay_iters=null", "train.train_iters=50",
+               "checkpoint.scheduler_from=checkpoint")
+    assert plan_resume(kept) is not None
+    assert (kept.optimizer.lr, kept.optimizer.decay_iters) == (3e-3, 20)
+    applied = cfg("optimizer.lr=1e-4", "checkpoint.scheduler_from=config")
+    plan_resume(applied)
+    assert applied.optimizer.lr == 1e-4
+    assert plan_resume(cfg("train.seed=99", "checkpoint.allow_different_run=true")) is not None

@@ -26,10 +26,18 @@ import torch
 import torch.distributed as dist
 
 from cola_megatron import faults
-from cola_megatron.training.checkpoint import manifest, writers
 from cola_megatron.compat.megatron import load_optimizer_state, populate_optimizer_state
 from cola_megatron.config import Config
 from cola_megatron.errors import CheckpointError, TrainingStopped
+from cola_megatron.training.checkpoint.manifest import (
+    checksum_problems,
+    describe_files,
+    listed_files,
+    raise_damaged,
+    read_manifest,
+    size_problems,
+    write_manifest,
+)
 from cola_megatron.training.checkpoint.paths import (
     LATEST_FILE,
     apply_retention,
@@ -43,6 +51,7 @@ from cola_megatron.training.checkpoint.paths import (
     write_config,
     write_latest,
 )
+from cola_megatron.training.checkpoint.writers import install as install_writer_guard
 from cola_megatron.training.checkpoint.state import (
     OPTIMIZER_METADATA,
     current_layout,
@@ -112,7 +121,7 @@ def plan_resume(cfg: Config) -> Optional[ResumePoint]:
     if path is None:
         return None
     saved = check_same_model(path, cfg)
-    manifest.raise_damaged(path, manifest.size_problems(path))
+    raise_damaged(path, size_problems(path))
     if c.load_optimizer:
         _check_has_optimizer_state(path)
         _check_same_optimizer_kind(path, saved, cfg)
@@ -273,7 +282,7 @@ class CheckpointManager:
         if resume is not None:
             self._known[checkpoint_iteration(resume.path)] = os.path.abspath(resume.path)
         if self.save_dir:
-            writers.install()
+            install_writer_guard()
 
     @property
     def resume_path(self) -> Optional[str]:
@@ -288,12 +297,12 @@ class CheckpointManager:
 
     def _verify_checksums(self, path: str) -> None:
         """Every rank checks its share of the files against the manifest; all ranks raise the same error."""
-        files = sorted(manifest.read_manifest(path) or {})
+        files = sorted(read_manifest(path) or {})
         world, rank = dist.get_world_size(), dist.get_rank()
-        problems = manifest.checksum_problems(path, files[rank::world])
+        problems = checksum_problems(path, files[rank::world])
         gathered = [None] * world
         dist.all_gather_object(gathered, problems)
-        manifest.raise_damaged(path, sorted(p for rank_problems in gathered for p in rank_problems))
+        raise_damaged(path, sorted(p for rank_problems in gathered for p in rank_problems))
 
     def load(self) -> None:
         """Restore every part from the resume point (nothing to do for a fresh start)."""
@@ -474,14 +483,14 @@ class CheckpointManager:
     def _write_manifest(self, path: str) -> None:
         """Ranks checksum a share of the files each; rank 0 writes the manifest before the checkpoint completes."""
         world, rank = dist.get_world_size(), dist.get_rank()
-        files = manifest.listed_files(path) if rank == 0 else None
+        files = listed_files(path) if rank == 0 else None
         box = [files]
         dist.broadcast_object_list(box, src=0)
-        mine = manifest.describe_files(path, box[0][rank::world])
+        mine = describe_files(path, box[0][rank::world])
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
         if rank == 0:
-            manifest.write_manifest(path, {k: v for part in gathered for k, v in part.items()})
+            write_manifest(path, {k: v for part in gathered for k, v in part.items()})
 
     def _retain(self) -> None:
         """keep_last, sparing the checkpoint this run resumed from (when it lives in save_dir) and the newest
