@@ -96,7 +96,8 @@ class TrainConfig:
     exit_duration_minutes: Optional[float] = None
     """Save and exit once the run has lasted this long (wall-clock-limited jobs)."""
     max_nan_skips: int = 5
-    """Skip up to this many steps with a NaN/inf loss, then stop."""
+    """Skip up to this many steps in a row whose loss or gradient norm is NaN/inf, then stop (no checkpoint is
+    written inside such a streak)."""
     torch_compile: bool = False
     """torch.compile each transformer layer (fuses the elementwise work around the GEMMs; compiles once per shape)."""
     device: str = "auto"
@@ -134,6 +135,12 @@ class CheckpointConfig:
     """Keep only the newest N checkpoints (never the one the run resumed from)."""
     async_save: bool = False
     load_optimizer: bool = True
+    scheduler_from: Optional[str] = None
+    """On resume, whose optimizer and LR-schedule settings apply when the config's differ from the checkpoint's:
+    null refuses and lists the differences, 'config' applies the config's (Megatron's
+    --override-opt_param-scheduler), 'checkpoint' keeps the checkpoint's (--use-checkpoint-opt_param-scheduler)."""
+    allow_different_run: bool = False
+    """Resume a checkpoint although train.seed or the data section differ from the run that saved it."""
 
 
 @dataclass
@@ -486,6 +493,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _positive("checkpoint.keep_last", c.keep_last)
     if c.async_save and not c.save_dir:
         _fail("checkpoint.async_save", "is set but checkpoint.save_dir is not", "set checkpoint.save_dir=PATH")
+    if c.scheduler_from is not None:
+        _choice("checkpoint.scheduler_from", c.scheduler_from, ("config", "checkpoint"))
 
     _positive("logging.log_interval", cfg.logging.log_interval)
     _positive("logging.peak_tflops", cfg.logging.peak_tflops)

@@ -6,6 +6,7 @@ Found on megatron-core 0.16.1 with torch 2.13; each one is harmless where the be
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Dict, Optional
 
 import torch
@@ -76,19 +77,32 @@ def load_optimizer_state(optimizer, state_dict) -> None:
 
 
 @torch.no_grad()
-def step_with_bf16_grads(optimizer, clip: float):
-    """megatron's optimizer step for bf16 gradients (pure-bf16 training): the same stages, with the clipping done
-    here because 0.16.1's ``clip_grad_by_total_norm_fp32`` accepts fp32 gradients only, and torch's AdamW refuses
-    fp32 gradients for bf16 weights. The norm is megatron's (model-parallel duplicates counted once).
-    Returns (update applied, gradient norm)."""
+def step_if_finite(optimizer, clip: float, bf16_grads: bool = False):
+    """megatron's optimizer step in its stages, not applied when the gradient norm is NaN/inf: 0.16.1's fp32 and
+    bf16 optimizers (no loss scaler) apply such a step, only fp16's loss scaler checks. The norm is always
+    computed (megatron skips it at clip_grad=0), so it can be checked and logged. Clipping is megatron's, except
+    for bf16 gradients (pure-bf16 training): 0.16.1's ``clip_grad_by_total_norm_fp32`` accepts fp32 gradients
+    only, and torch's AdamW refuses fp32 gradients for bf16 weights, so those are scaled here. Returns (update applied, gradient norm or None when the
+    fp16 loss scaler rejected the step)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
     if optimizer.prepare_grads():
         return False, None
-    norm = optimizer.get_grad_norm()
-    if clip > 0 and norm > clip:
-        coeff = clip / (norm + 1e-6)
-        for param in optimizer.get_parameters():
-            if param.grad is not None:
-                param.grad.mul_(coeff)
+    norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(norm):
+        return False, norm
+    if clip > 0 and bf16_grads:
+        if norm > clip:
+            coeff = clip / (norm + 1e-6)
+            for param in optimizer.get_parameters():
+                if param.grad is not None:
+                    param.grad.mul_(coeff)
+    elif clip > 0:
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+            params = opt.get_parameters()
+            if params:
+                clip_grad_by_total_norm_fp32(params, max_norm=clip, total_norm=norm, use_decoupled_grad=getattr(
+                    opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False))
     return optimizer.step_with_ready_grads(), norm
 
 

@@ -82,7 +82,12 @@ def to_hf(args) -> None:
     special = special or megatron_io.read_special_tokens(ckpt)  # converted weights keep their config's ids
     fields = names.hf_config_fields(cfg.model, special)
     megatron_io.require_new_output(args.output)
+    ckpt_lib.verify_checkpoint(ckpt)  # names a truncated or corrupted file before anything is read
     state = megatron_io.read_full_state(ckpt, cfg)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise ConversionError(f"{ckpt} holds NaN/inf weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+                              "; refusing to export them. Fix: convert an earlier checkpoint of the run")
     reference = names.megatron_to_reference(state, cfg.model.num_layers)
     hf_io.write_export(args.output, reference, fields, tokenizer, args.max_shard_size, args.dtype)
     print(f"wrote {args.output} from {ckpt}")

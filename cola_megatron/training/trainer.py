@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from cola_megatron.compat.megatron import step_with_bf16_grads
+from cola_megatron.compat.megatron import step_if_finite
 from cola_megatron.config import Config
 from cola_megatron.errors import TrainingStopped
 from cola_megatron.training.batches import MicroBatches
@@ -36,7 +36,10 @@ class TrainState:
 
     iteration: int = 0
     consumed_samples: int = 0
-    skipped_steps: int = 0
+    skipped_iters: int = 0
+    """Steps not applied (non-finite loss or gradient norm, fp16 loss-scale overflow), over the whole run."""
+    nan_streak: int = 0
+    """Non-finite steps in a row just now (train.max_nan_skips bounds it)."""
 
     def state_dict(self) -> Dict[str, int]:
         return asdict(self)
@@ -161,7 +164,7 @@ class Trainer:
             adam_beta1=o.adam_beta1,
             adam_beta2=o.adam_beta2,
             adam_eps=o.adam_eps,
-            # megatron's clipping asserts fp32 gradients; pure-bf16 steps clip in step_with_bf16_grads instead.
+            # megatron's clipping asserts fp32 gradients; pure-bf16 steps clip in step_if_finite instead.
             clip_grad=0.0 if t.pure_bf16 else o.clip_grad,
             bf16=t.mixed_precision and t.precision == "bf16",
             fp16=t.mixed_precision and t.precision == "fp16",
@@ -260,33 +263,50 @@ class Trainer:
         return total
 
     def train_step(self) -> Dict[str, float]:
+        """One optimizer step. A step whose loss or gradient norm is NaN/inf (in any precision) is not applied,
+        and neither is one the fp16 loss scaler rejects; the data position advances either way."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         step = self.state.iteration
         total = self._run_schedule(self.train_data, step, forward_only=False)
         loss = (total[0] / total[1].clamp(min=1)).item()
-        skipped = not math.isfinite(loss)
-        grad_norm = float("nan")
-        if skipped:
-            self.state.skipped_steps += 1
-            if self.state.skipped_steps > self.cfg.train.max_nan_skips:
-                raise TrainingStopped(
-                    f"loss was NaN/inf in {self.state.skipped_steps} steps (train.max_nan_skips="
-                    f"{self.cfg.train.max_nan_skips}); stopping without saving. Lower optimizer.lr, check the data, "
-                    "or resume from the last checkpoint")
+        nonfinite = not math.isfinite(loss)
+        applied, grad_norm = False, None
+        if not nonfinite:
+            applied, grad_norm = step_if_finite(self.optimizer, self.cfg.optimizer.clip_grad,
+                                                bf16_grads=self.cfg.train.pure_bf16)
+            nonfinite = grad_norm is not None and not math.isfinite(grad_norm)
+        if applied:
+            self.scheduler.step(increment=1)
         else:
-            if self.cfg.train.pure_bf16:
-                update_ok, grad_norm = step_with_bf16_grads(self.optimizer, self.cfg.optimizer.clip_grad)
-            else:
-                update_ok, grad_norm, _ = self.optimizer.step()
-            if update_ok:
-                self.scheduler.step(increment=1)
-            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            self.state.skipped_iters += 1
+        if nonfinite:
+            self.state.nan_streak += 1
+        elif applied:
+            self.state.nan_streak = 0
         self.state.iteration += 1
         self.state.consumed_samples += self.cfg.train.global_batch_size
         self.history.append(loss)
-        return {"loss": loss, "grad_norm": grad_norm, "skipped": skipped}
+        if self.checkpoint is not None:
+            self.checkpoint.note_step(step, applied)
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        return {"loss": loss, "grad_norm": grad_norm, "skipped": not applied, "nonfinite": nonfinite}
+
+    def _stop_on_nan_streak(self, at_end: bool = False) -> None:
+        """Stop once more than train.max_nan_skips steps in a row were non-finite (or the run ends inside such a
+        streak): the weights before the streak are the last that trained; nothing from inside it is saved."""
+        t, streak = self.cfg.train, self.state.nan_streak
+        if not streak or (streak <= t.max_nan_skips and not at_end):
+            return
+        first = self.state.iteration - streak + 1
+        where = (self.checkpoint.fall_back() if self.checkpoint is not None
+                 else "; nothing was saved (no checkpoint.save_dir). Fix: rerun with a lower optimizer.lr or a "
+                      "positive optimizer.clip_grad")
+        ended = "the run ended inside the streak" if at_end else f"train.max_nan_skips={t.max_nan_skips}"
+        raise TrainingStopped(
+            f"{streak} steps in a row had a NaN/inf loss or gradient norm (iterations {first}-"
+            f"{self.state.iteration}, {ended}) and were skipped; stopped without saving{where}")
 
     @torch.no_grad()
     def evaluate(self) -> Optional[Dict[str, float]]:
@@ -358,28 +378,37 @@ class Trainer:
                         "iteration": it,
                         "tokens": tokens,
                         "flops": tokens * self.flops_per_token,
-                        "loss": sum(interval_losses) / max(len(interval_losses), 1),
+                        # NaN when every step of the interval was skipped: a 0.0 would look like a perfect fit
+                        "loss": sum(interval_losses) / len(interval_losses) if interval_losses else float("nan"),
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "grad_norm": result["grad_norm"],
                         **throughput(interval_steps * self.tokens_per_step, elapsed, self.world_size,
                                      self.flops_per_token, peak, self.hardware_flops_per_token),
                         "peak_mem_gib": peak_memory_gib(self.device),
-                        "skipped": self.state.skipped_steps,
+                        "skipped": self.state.skipped_iters,
                     }
                     self.sink.log("train", record, format_train_line(record, t.train_iters))
                     interval_start, interval_losses, interval_steps = time.monotonic(), [], 0
+                self._stop_on_nan_streak()
+                in_streak = self.state.nan_streak > 0
                 if t.eval_interval and it % t.eval_interval == 0 and it < t.train_iters:
                     self._validate_and_log()
                 if self.checkpoint is not None:
-                    self.checkpoint.maybe_save()
+                    self.checkpoint.maybe_save(allowed=not in_streak)
                 timed_out = t.exit_duration_minutes is not None and (time.monotonic() - start) / 60 >= t.exit_duration_minutes
                 if self._agree(stop.received is not None or timed_out):
                     reason = "signal" if stop.received is not None else "time limit"
                     break
+            in_streak = self.state.nan_streak > 0
             if reason == "finished":
-                self._validate_and_log()
+                self._stop_on_nan_streak(at_end=True)
+            final = self._validate_and_log() if reason == "finished" else None
             if self.checkpoint is not None:
-                self.checkpoint.finish()
+                self.checkpoint.finish(allowed=not in_streak)  # a signal inside a streak: no save
+            if final is not None and not math.isfinite(final["loss"]):
+                raise TrainingStopped(
+                    f"the final validation loss is {final['loss']} although every applied step was finite. Fix: "
+                    "rerun with a lower optimizer.lr or a positive optimizer.clip_grad")
             if reason != "finished":
                 self.sink.message(f"cola-train: stopped at iteration {self.state.iteration} ({reason})")
         finally:

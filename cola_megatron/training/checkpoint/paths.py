@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import yaml
 
@@ -65,14 +65,35 @@ def latest_checkpoint(save_dir: str) -> Optional[str]:
     return path
 
 
-def write_latest(save_dir: str, name: str) -> None:
+def _file_mode() -> int:
+    """The mode an ordinary new file gets (0644 under the usual umask); mkstemp would leave 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def remove_stale_temp_files(save_dir: str) -> None:
+    """``.latest.*`` files are left by a process killed between writing and renaming; only one writer (rank 0 of
+    one run) touches a save_dir, so any that exist now are stale."""
+    for name in os.listdir(save_dir):
+        if name.startswith(".latest."):
+            try:
+                os.unlink(os.path.join(save_dir, name))
+            except FileNotFoundError:
+                pass
+
+
+def write_latest(save_dir: str, name: str, before_replace: Callable[[], None] = lambda: None) -> None:
     """Replace ``latest`` atomically: a reader sees the old name or the new one, never a partial file."""
+    remove_stale_temp_files(save_dir)
     fd, tmp = tempfile.mkstemp(prefix=".latest.", dir=save_dir)
     try:
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), _file_mode())
             f.write(name + "\n")
             f.flush()
             os.fsync(f.fileno())
+        before_replace()
         os.replace(tmp, os.path.join(save_dir, LATEST_FILE))
     except BaseException:
         if os.path.exists(tmp):
@@ -134,8 +155,14 @@ def clear_target(path: str) -> Optional[str]:
     return f"{os.path.basename(path)}.replaced-{n}"
 
 
+_REPLACED = re.compile(r"^(iter_\d{7})\.replaced-\d+$")
+
+
 def apply_retention(save_dir: str, newest: str, keep: int, protected: Iterable[str] = ()) -> None:
-    """Keep the newest ``keep`` complete checkpoints up to ``newest`` (and always those in ``protected``)."""
+    """Keep the newest ``keep`` complete checkpoints up to ``newest`` (and always those in ``protected``).
+
+    ``iter_N.replaced-K`` directories (checkpoints a re-run superseded, see :func:`clear_target`) go once the
+    re-run committed a checkpoint past them."""
     if not keep:
         return
     newest_it = checkpoint_iteration(newest)
@@ -143,4 +170,8 @@ def apply_retention(save_dir: str, newest: str, keep: int, protected: Iterable[s
     older = [n for n in complete_checkpoints(save_dir) if checkpoint_iteration(n) <= newest_it]
     for name in older[:-keep] if len(older) > keep else []:
         if name not in protected:
+            shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+    for name in os.listdir(save_dir):
+        match = _REPLACED.match(name)
+        if match and checkpoint_iteration(match.group(1)) < newest_it:
             shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)

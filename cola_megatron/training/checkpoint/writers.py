@@ -1,0 +1,66 @@
+"""Checkpoint writer processes die with the trainer.
+
+megatron-core 0.16.1 writes shards from processes forked by the trainer (and, with ``async_save``, forked again by
+a background process), and collects their results through a ``multiprocessing`` manager process it spawns. A
+trainer killed with SIGKILL (OOM killer, ``scancel``, a node health check) leaves them running as orphans that hold
+hundreds of MB and the run's open files. Linux's parent-death signal ends each of them with its parent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+_PR_SET_PDEATHSIG = 1
+_installed = False
+_forking_parent = 0
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In a child: SIGKILL this process when its parent exits (and now, if the parent is already gone)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: nothing to arm
+        return
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _remember_parent() -> None:
+    global _forking_parent
+    _forking_parent = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    die_with_parent(_forking_parent)
+
+
+def install() -> None:
+    """Arm every process this process forks from now on (and their forks), and the manager process megatron's
+    writers report through. Idempotent."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    os.register_at_fork(before=_remember_parent, after_in_child=_after_fork_in_child)
+    _start_results_manager()
+
+
+def _start_results_manager() -> None:
+    """megatron spawns (fork + exec: no fork hooks) a manager for its writers' results queue on first use; start
+    it here instead, with the parent-death signal as its initializer. Found on megatron-core 0.16.1, where the
+    queue lives in ``filesystem_async._results_queue``."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+        return  # already started, or a megatron-core without this global
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(die_with_parent, (os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
