@@ -1,11 +1,13 @@
 """What a short run reports, read back from its console output, metrics.jsonl and TensorBoard events.
 
-One launched process runs the command line four times: a fresh run whose last checkpoint is then lost (as when a
-job dies while saving), a resume that re-trains from the checkpoint before it, the same command again (nothing left
-to train), and an fp16 run whose first steps overflow.
+One launched pair of gloo processes (data parallel 2) runs the command line five times: a fresh run whose last
+checkpoint is then lost (as when a job dies while saving), a resume that re-trains from the checkpoint before it, the
+same command again (nothing left to train), an fp16 run whose first steps overflow, and a run traced by the profiler
+on rank 1 only.
 """
 
 import contextlib
+import glob
 import io
 import json
 import math
@@ -22,6 +24,7 @@ SHAPE = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.num_layers=
          "model.rank=16", "model.vocab_size=256", "model.seq_length=32"]
 MOCK = ["data.mock=true", "data.train_paths=[]", "data.valid_paths=[]", "data.tokenizer=null"]
 TOKENS_PER_STEP = 4 * 32  # global batch x sequence length
+WORLD = 2
 
 
 def base_args(tmp):
@@ -31,9 +34,10 @@ def base_args(tmp):
             "checkpoint.keep_last=null"]
 
 
-def _cli(argv):
+def _cli(tmp, name, argv):
     from cola_megatron.train import main
 
+    _new_group(tmp, name)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = main(argv)
@@ -43,24 +47,48 @@ def _cli(argv):
 def _runs(tmp):
     from cola_megatron.training.checkpoint import write_latest
 
-    out = {"first": _cli(base_args(tmp) + ["train.train_iters=4"])}
+    out = {"first": _cli(tmp, "first", base_args(tmp) + ["train.train_iters=4"])}
     # The save at iteration 4 never committed: `latest` still names iter_2 and the last segment logged past it.
-    shutil.rmtree(f"{tmp}/ckpt/iter_0000004")
-    write_latest(f"{tmp}/ckpt", "iter_0000002")
-    out["resumed"] = _cli(base_args(tmp) + ["train.train_iters=6"])
-    out["again"] = _cli(base_args(tmp) + ["train.train_iters=6"])
-    out["fp16"] = _cli(["--config", "configs/demo.yaml", *MOCK, *SHAPE, "train.global_batch_size=4",
+    if os.environ["RANK"] == "0":
+        shutil.rmtree(f"{tmp}/ckpt/iter_0000004")
+        write_latest(f"{tmp}/ckpt", "iter_0000002")
+    out["resumed"] = _cli(tmp, "resumed", base_args(tmp) + ["train.train_iters=6"])
+    out["again"] = _cli(tmp, "again", base_args(tmp) + ["train.train_iters=6"])
+    out["fp16"] = _cli(tmp, "fp16", ["--config", "configs/demo.yaml", *MOCK, *SHAPE, "train.global_batch_size=4",
                         "train.micro_batch_size=2", "train.train_iters=2", "train.precision=fp16",
                         "train.eval_iters=0", "optimizer.warmup_iters=1", "logging.log_interval=1",
                         "logging.peak_tflops=1.0", f"logging.log_dir={tmp}/fp16", "checkpoint.save_dir=null",
                         "checkpoint.save_interval=0"])
+    out["profiled"] = _cli(tmp, "profiled", ["--config", "configs/demo.yaml", *MOCK, *SHAPE, "train.global_batch_size=4",
+                            "train.micro_batch_size=2", "train.train_iters=4", "train.eval_iters=0",
+                            "optimizer.warmup_iters=1", "logging.log_interval=2", f"logging.log_dir={tmp}/prof",
+                            "checkpoint.save_dir=null", "checkpoint.save_interval=0", "train.profile.enabled=true",
+                            "train.profile.start_step=2", "train.profile.end_step=3", "train.profile.ranks=[1]"])
     return out
+
+
+def _new_group(tmp, n):
+    """Each command-line run ends its process group; the next one meets on a new port that rank 0 picks (once it
+    has done its file work) and hands over in a file."""
+    import time
+
+    from cola_megatron.training.distributed import free_port
+
+    path = os.path.join(tmp, f"port{n}")
+    if os.environ["RANK"] == "0":
+        with open(path + ".tmp", "w") as f:
+            f.write(str(free_port()))
+        os.replace(path + ".tmp", path)
+    while not os.path.exists(path):
+        time.sleep(0.05)
+    with open(path) as f:
+        os.environ["MASTER_PORT"] = f.read()
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("metrics_run")
-    out = run_distributed(_runs, 1, str(tmp))[0]
+    out = run_distributed(_runs, 2, str(tmp))[0]  # rank 0's console
     return tmp, out
 
 
@@ -120,7 +148,8 @@ def test_metric_line_matches_its_record(runs):
         assert float(m["lr"]) == pytest.approx(r["lr"], rel=1e-3)
         assert float(m["gn"]) == pytest.approx(r["grad_norm"], abs=5e-4)
         assert float(m["tps"]) == pytest.approx(r["tokens_per_s"], rel=1e-3)
-        assert r["tokens_per_s_per_gpu"] == r["tokens_per_s"]  # one process
+        assert r["tokens_per_s_per_gpu"] == pytest.approx(r["tokens_per_s"] / WORLD, rel=1e-12)
+        assert float(m["tpg"]) == pytest.approx(r["tokens_per_s_per_gpu"], rel=1e-3)
         assert float(m["tflops"]) == pytest.approx(r["tflops_per_gpu"], abs=0.006)
         assert r["mfu"] is None and m["mfu"].startswith("n/a (peak unknown")  # CPU: no peak to divide by
         assert float(m["mem"]) == pytest.approx(r["peak_mem_gib"], abs=0.006) and r["peak_mem_gib"] > 0
@@ -172,7 +201,7 @@ def test_run_records_one_per_segment(runs):
     assert headers[2]["resumed_from"].endswith("ckpt/iter_0000006")
     assert len({h["run_id"] for h in headers}) == 1 and re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", headers[0]["run_id"])
     for h in headers:
-        assert h["layout"] == {"tp": 1, "pp": 1, "dp": 1, "vp": 1, "world_size": 1}
+        assert h["layout"] == {"tp": 1, "pp": 1, "dp": 2, "vp": 1, "world_size": 2}
         assert h["versions"]["torch"] == torch.__version__
         assert h["versions"]["cola-megatron"] == cola_megatron.__version__
         assert h["versions"]["megatron-core"].startswith("0.")
@@ -309,3 +338,29 @@ def test_nan_loss_logged_as_nan():
     assert "| MFU n/a (peak unknown: set logging.peak_tflops) | HFU 40.0% |" in format_train_line(
         dict(record, hfu=40.0), 10)
     assert os.linesep not in line
+
+
+def test_profiler_trace_of_the_requested_iterations_on_the_requested_rank(runs):
+    tmp, _ = runs
+    trace_dir = tmp / "prof" / "profile"
+    traces = glob.glob(str(trace_dir / "*.pt.trace.json"))
+    assert [os.path.basename(t).split(".")[0] for t in traces] == ["rank1"]  # rank 0 was not asked for
+    assert sorted(os.listdir(trace_dir)) == sorted([os.path.basename(traces[0]), "rank1.ops.txt"])
+    with open(traces[0]) as f:
+        trace = json.load(f)  # the Chrome trace format, named as TensorBoard's profiler plugin looks for it
+    labels = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("iteration ")}
+    assert labels == {"iteration 2", "iteration 3"}
+    assert any(e.get("name") == "aten::mm" for e in trace["traceEvents"])  # the model's work is in the window
+    assert "aten::mm" in (trace_dir / "rank1.ops.txt").read_text()
+    assert not glob.glob(str(trace_dir / "*memory_snapshot*"))  # CUDA only
+
+
+def test_metric_line_says_where_the_profiler_trace_went(runs):
+    tmp, out = runs
+    lines = train_lines(out["profiled"][1])
+    assert len(lines) == 2
+    assert "profiler" not in lines[0]  # iteration 2: the window (2-3) is still open
+    where = f"{tmp}/prof/profile (iterations 2-3, rank 1)"
+    assert lines[1].endswith(f"| profiler trace -> {where}")
+    train = [r for r in records(tmp / "prof" / "metrics.jsonl") if r["kind"] == "train"]
+    assert "profile_dir" not in train[0] and train[1]["profile_dir"] == where
