@@ -462,6 +462,8 @@ class Trainer:
             "data_ms_per_iter": 1000.0 * interval.data / steps,
             # The segment's wall time per iteration so far (evaluations and saves recur, so they count here).
             "eta_s": (t.train_iters - it) * (now - started) / max(it - first, 1),
+            # tokens_per_s, tokens_per_s_per_gpu, tflops_per_gpu, mfu (a hardware-FLOP "hfu" belongs next to it;
+            # format_train_line shows it when the record has it)
             **throughput(interval.steps * self.tokens_per_step, train_s, self.world_size, self.flops_per_token,
                          peak),
             **peak_memory_gib(self.device),
