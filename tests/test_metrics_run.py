@@ -29,7 +29,8 @@ WORLD = 2
 
 def base_args(tmp):
     return ["--config", "configs/demo.yaml", *MOCK, *SHAPE, "train.global_batch_size=4", "train.micro_batch_size=2",
-            "train.eval_iters=1", "train.eval_interval=2", "optimizer.warmup_iters=1", "logging.log_interval=2",
+            "train.eval_iters=1", "train.eval_interval=2", "optimizer.warmup_iters=1", "optimizer.decay_iters=6",
+            "logging.log_interval=2",
             f"logging.log_dir={tmp}/log", f"checkpoint.save_dir={tmp}/ckpt", "checkpoint.save_interval=2",
             "checkpoint.keep_last=null"]
 

@@ -398,15 +398,15 @@ class Trainer:
             f"train.train_iters={max(2 * t.train_iters, self.state.iteration + t.train_iters)}); to start a new run, "
             "choose a new checkpoint.save_dir")
 
-    def _validate_and_log(self) -> float:
-        """Validate and log the result with its duration; returns the seconds it took."""
+    def _validate_and_log(self) -> Optional[Dict[str, float]]:
+        """Validate, and log the result with how long it took."""
         self._sync_device()
         begin = time.monotonic()
         result = self.evaluate()
         self._sync_device()
         seconds = time.monotonic() - begin
         if result is None:
-            return seconds
+            return None
         it = self.state.iteration
         tokens = it * self.tokens_per_step
         record = {"iteration": it, "timestamp": metrics.utc_timestamp(), "tokens": tokens,
@@ -414,14 +414,22 @@ class Trainer:
         self.sink.log("valid", record, f"{metrics.console_prefix(record['timestamp'])} validation at iter {it}: "
                                        f"loss {result['loss']:.4f} | perplexity {result['ppl']:.2f} | "
                                        f"{seconds:.2f} s")
-        return seconds
+        return result
 
-    def _checkpoint(self, action) -> float:
+    def _not_training(self, action, *args, **kwargs) -> float:
+        """Run an evaluation or checkpoint action; returns the seconds it took (left out of the throughput)."""
+        self._sync_device()
+        begin = time.monotonic()
+        action(*args, **kwargs)
+        self._sync_device()
+        return time.monotonic() - begin
+
+    def _checkpoint(self, action, *args, **kwargs) -> float:
         """Run a checkpoint action (maybe_save / finish), log a save with its duration; returns the seconds."""
         before = self.checkpoint.last_saved_iteration
         self._sync_device()
         begin = time.monotonic()
-        action()
+        action(*args, **kwargs)
         seconds = time.monotonic() - begin
         it = self.state.iteration
         if self.checkpoint.last_saved_iteration == it and before != it:
@@ -512,7 +520,7 @@ class Trainer:
                     self.sink.log("train", record, format_train_line(record, t.train_iters))
                     interval = _Interval(time.monotonic())
                 if t.eval_interval and it % t.eval_interval == 0 and it < t.train_iters:
-                    interval.excluded += self._validate_and_log()
+                    interval.excluded += self._not_training(self._validate_and_log)
                 if self.checkpoint is not None:
                     interval.excluded += self._checkpoint(self.checkpoint.maybe_save)
                 timed_out = t.exit_duration_minutes is not None and (time.monotonic() - started) / 60 >= t.exit_duration_minutes
