@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+from datetime import datetime, timezone
 
 import pytest
 import yaml
@@ -277,8 +278,12 @@ def test_tensorboard_events_carry_the_fields_and_the_config(runs):
             assert [e.step for e in events] == sorted(expect[kind]), (kind, key)
             for e in events:
                 assert e.value == pytest.approx(expect[kind][e.step][key], rel=1e-6, abs=1e-6), (kind, key, e.step)
+    # an event's wall time is the record's timestamp (TensorBoard keeps it with every scalar)
+    for e in acc.Scalars("train/loss"):
+        stamp = datetime.strptime(expect["train"][e.step]["timestamp"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        assert abs(e.wall_time - stamp.replace(tzinfo=timezone.utc).timestamp()) < 60
     tags = acc.Tags()
-    assert "train/mfu" not in tags["scalars"]  # unknown, not zero
+    assert "train/mfu" not in tags["scalars"] and "train/loss_scale" not in tags["scalars"]  # unknown; not fp16
     texts = {tag: [(e.step, e.tensor_proto.string_val[0].decode()) for e in acc.Tensors(tag)]
              for tag in tags["tensors"]}
     assert [step for step, _ in texts["config/text_summary"]] == [0, 2, 6]
@@ -317,6 +322,13 @@ def test_fp16_overflow_skips_and_loss_scale(runs):
     lines = train_lines(stdout)
     assert [LINE.match(line)["skipped"] for line in lines] == ["1", "2"]
     assert "| loss_scale 4.29497e+09" in lines[0] and "| loss_scale 2.14748e+09" in lines[1]
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(tmp / "fp16"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss_scale")] == [(1, 2.0**32), (2, 2.0**31)]
+    assert [(e.step, e.value) for e in acc.Scalars("train/skipped")] == [(1, 1), (2, 2)]
+    assert [e.value for e in acc.Scalars("train/mfu")] == pytest.approx([r["mfu"] for r in train], rel=1e-6)
     # with logging.peak_tflops the MFU is computed against it
     for line, r in zip(lines, train):
         assert r["mfu"] == pytest.approx(100 * r["tflops_per_gpu"] / 1.0, rel=1e-9)
