@@ -36,11 +36,18 @@ $(CORPUS): | $(STAMP)
 corpus: $(CORPUS)
 
 # Train (resuming from checkpoints/demo when it exists), export to Hugging Face, and generate from the export.
+# Run again, it has nothing left to train and says so, then exports and generates again; DEMO_ARGS passes overrides,
+# e.g. `make demo DEMO_ARGS=train.train_iters=600` trains on from the checkpoint.
+DEMO_ARGS ?=
 demo: $(STAMP) $(CORPUS)
-	$(PYTHON) -m cola_megatron.train --config configs/demo.yaml
+	$(PYTHON) -m cola_megatron.train --config configs/demo.yaml $(DEMO_ARGS)
+	@echo "demo: exporting the latest checkpoint of checkpoints/demo to runs/demo/hf (Hugging Face format)"
 	rm -rf runs/demo/hf
 	$(PYTHON) -m cola_megatron.convert.cli to-hf checkpoints/demo runs/demo/hf
+	@echo "demo: generating from runs/demo/hf"
 	$(PYTHON) tools/sample_text.py runs/demo/hf --prompt "It is a truth universally acknowledged"
+	@echo "demo: done. Checkpoint: checkpoints/demo/$$(cat checkpoints/demo/latest); metrics: runs/demo/metrics.jsonl" \
+		"(tensorboard --logdir runs/demo). Train on: make demo DEMO_ARGS=train.train_iters=600; start over: make clean demo"
 
 # The sample corpus is fetched when the package registries are reachable; tests that need it skip otherwise.
 test: $(STAMP)

@@ -80,6 +80,24 @@ class ParallelConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over a window of iterations (Megatron-LM's --profile-step-start/-end, torchtitan's
+    profiling.enable_profiling)."""
+
+    enabled: bool = False
+    start_step: int = 2
+    """First traced iteration (numbered as on the metric line; the first one pays one-off costs)."""
+    end_step: int = 3
+    """Last traced iteration (inclusive)."""
+    ranks: List[int] = field(default_factory=lambda: [0])
+    """Global ranks that write a trace."""
+    dir: Optional[str] = None
+    """Where traces go; null: <logging.log_dir>/profile (./profile without a log_dir)."""
+    memory_snapshot: bool = True
+    """On CUDA, also dump torch.cuda's memory snapshot of the window (view it at pytorch.org/memory_viz)."""
+
+
+@dataclass
 class TrainConfig:
     micro_batch_size: int = 1
     global_batch_size: int = 8
@@ -102,6 +120,7 @@ class TrainConfig:
     """torch.compile each transformer layer (fuses the elementwise work around the GEMMs; compiles once per shape)."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cuda' or 'cpu'."""
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     @property
     def mixed_precision(self) -> bool:
@@ -167,6 +186,10 @@ class Config:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, the text a checkpoint's cola_config.yaml holds."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -373,6 +396,24 @@ def _divides(key: str, value: int, by_key: str, by: int, fix: str) -> None:
         _fail(key, f"{value} is not divisible by {by_key}={by}", fix)
 
 
+def _validate_profile(pr: ProfileConfig, train_iters: int, world_size: Optional[int]) -> None:
+    if not pr.enabled:
+        return
+    _positive("train.profile.start_step", pr.start_step)
+    if pr.end_step < pr.start_step:
+        _fail("train.profile.end_step", f"{pr.end_step} is before train.profile.start_step={pr.start_step}",
+              "set end_step to the last iteration to trace (inclusive), at or after start_step")
+    if pr.start_step > train_iters:
+        _fail("train.profile.start_step", f"{pr.start_step} is beyond train.train_iters={train_iters}",
+              "trace iterations the run reaches, e.g. train.profile.start_step=2 train.profile.end_step=3")
+    if not pr.ranks:
+        _fail("train.profile.ranks", "is empty", "list the global ranks to trace, e.g. train.profile.ranks=[0]")
+    for r in pr.ranks:
+        if r < 0 or (world_size is not None and r >= world_size):
+            _fail("train.profile.ranks", f"rank {r} does not exist" + (f" (world size {world_size})" if world_size
+                  else ""), "list ranks between 0 and the world size - 1")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     m, p, t, o, c = cfg.model, cfg.parallel, cfg.train, cfg.optimizer, cfg.checkpoint
     _choice("model.arch", m.arch, ("cola", "dense"))
@@ -498,6 +539,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
 
     _positive("logging.log_interval", cfg.logging.log_interval)
     _positive("logging.peak_tflops", cfg.logging.peak_tflops)
+    _validate_profile(t.profile, t.train_iters, world_size)
 
     validate_data = getattr(cfg.data, "validate", None)
     if validate_data is not None:

@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 8 -m cola_megatron.train --config configs/cola/llama_1b.yaml train.train_iters=1000
     cola-train --config configs/cola/llama_7b.yaml --dry-run      # validate, count, plan; allocates nothing
+    cola-train --config configs/demo.yaml --print-config          # the resolved config as YAML
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config, print parameter count, FLOPs per token and layout, check the data, "
                         "tokenizer and output directories, then exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML (the cola_config.yaml a checkpoint gets), then exit")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.train_iters=100")
     return p
 
@@ -59,7 +62,11 @@ def dry_run(cfg: Config, world_size: Optional[int]) -> None:
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     world_size = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
-    cfg = load_config(args.config, args.overrides, world_size=world_size or (None if args.dry_run else 1))
+    checking = args.dry_run or args.print_config
+    cfg = load_config(args.config, args.overrides, world_size=world_size or (None if checking else 1))
+    if args.print_config:
+        sys.stdout.write(cfg.to_yaml())
+        return 0
     if args.dry_run:
         dry_run(cfg, world_size)
         warn_all(preflight(cfg))  # the files: data, tokenizer, output directories (the same checks a run makes)

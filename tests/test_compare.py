@@ -284,3 +284,35 @@ def test_wrapper_script_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "cola" in result.stdout and (tmp_path / "w.png").exists()
+
+
+def run_header(run_id, resumed_iteration):
+    return {"kind": "run", "run_id": run_id, "resumed_iteration": resumed_iteration, "config_hash": "0" * 12}
+
+
+def test_segments_of_a_resumed_run_read_as_one_curve(tmp_path):
+    """The first segment logged 30 and 40 past its checkpoint at 20 and died; the resume logs every 20."""
+    records = [
+        run_header("a", 0),
+        train_record(10, 9.0, 1.0, 1.0), train_record(20, 8.0, 1.0, 1.0), valid_record(20, 7.9),
+        train_record(30, 7.0, 1.0, 1.0), train_record(40, 6.9, 1.0, 1.0), valid_record(40, 6.8),
+        run_header("a", 20),
+        train_record(40, 6.5, 1.0, 1.0), valid_record(40, 6.4), train_record(60, 6.0, 1.0, 1.0),
+        run_header("a", 60),  # started again at the end: nothing more
+    ]
+    run = load_run("resumed", write_run(tmp_path / "resumed", records))
+    assert [(r.iteration, r.loss) for r in run.train] == [(10, 9.0), (20, 8.0), (40, 6.5), (60, 6.0)]
+    assert [(r.iteration, r.loss) for r in run.valid] == [(20, 7.9), (40, 6.4)]
+    assert run.notes == []
+
+
+def test_a_new_run_in_the_same_directory_replaces_the_old_one(tmp_path, capsys):
+    records = [run_header("old", 0), train_record(10, 9.0, 1.0, 1.0), train_record(20, 8.0, 1.0, 1.0),
+               run_header("new", 0), train_record(10, 5.0, 1.0, 1.0)]
+    run_dir = write_run(tmp_path / "reused", records)
+    run = load_run("reused", run_dir)
+    assert [(r.iteration, r.loss) for r in run.train] == [(10, 5.0)]
+    assert run.notes == [f"{run_dir / 'metrics.jsonl'} holds 2 runs: read the last (new), ignored the earlier one "
+                         "(old)"]
+    assert main([str(run_dir), "--out", str(tmp_path / "p.png")]) == 0
+    assert "holds 2 runs" in capsys.readouterr().err

@@ -157,9 +157,10 @@ def test_cli_prints_metric_line_and_writes_metrics(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    lines = [l for l in out.stdout.splitlines() if l.startswith("iter ")]
+    lines = [l for l in out.stdout.splitlines() if "] iter " in l]
     assert len(lines) == 2
-    for key in ("loss", "lr", "grad_norm", "tok/s", "TFLOP/s/gpu", "MFU", "peak_mem"):
+    for key in ("elapsed", "ms/iter", "ETA", "loss", "lr", "grad_norm", "tok/s", "TFLOP/s/gpu", "MFU", "peak mem",
+                "skipped"):
         assert key in lines[-1]
     assert "validation at iter 4" in out.stdout and "perplexity" in out.stdout
     records = [json.loads(l) for l in (log_dir / "metrics.jsonl").read_text().splitlines()]

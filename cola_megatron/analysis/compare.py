@@ -9,7 +9,13 @@ directory's name). The trainer writes ``metrics.jsonl`` there, one JSON object p
 
 ``flops`` is the cumulative training FLOPs so far. Unknown keys and record kinds are ignored, and so is a line
 that does not parse (a run killed mid-write leaves a truncated last line; a resumed run appends after it).
-When a resumed run logs an iteration again, the later records replace the earlier ones from that iteration on.
+
+Every start or resume first writes a header, ``{"kind": "run", "run_id": ..., "resumed_iteration": N, ...}``. A
+file is read as segments: a header with the run's id resumes it at iteration N, so records the previous segment
+logged after N (it was killed past its last checkpoint) are dropped and the run reads as one curve; a header with
+another id is a new run in the same directory, and only the last run is read (with a note). Without headers (older
+files), when a resumed run logs an iteration again, the later records replace the earlier ones from that
+iteration on.
 
 Without ``metrics.jsonl`` the TensorBoard event files of the run are read instead: scalars ``train/loss`` and
 ``valid/loss`` with step = iteration; ``train/tokens`` and ``train/flops`` at the same steps place them on the
@@ -34,6 +40,7 @@ from cola_megatron.errors import ColaError
 METRICS_FILE = "metrics.jsonl"
 EVENT_FILE_GLOB = "events.out.tfevents.*"
 KINDS = ("train", "valid")
+RUN_KIND = "run"  # the header every start or resume writes
 
 # The PNG is FIGSIZE * DPI pixels.
 FIGSIZE = (12.0, 8.0)
@@ -165,14 +172,25 @@ def _load_jsonl_run(name: str, path: Path) -> RunLog:
     by_kind: dict[str, list[Record]] = {kind: [] for kind in KINDS}
     notes: list[str] = []
     unparsable = []
+    run_id, earlier_runs = None, []
     for lineno, line in numbered:
         obj = _parse_line(line)
         if not isinstance(obj, dict):
             unparsable.append(lineno)
             continue
         kind = obj.get("kind")
-        if kind in by_kind:
+        if kind == RUN_KIND:
+            if run_id is not None and obj.get("run_id") != run_id:
+                earlier_runs.append(run_id)  # another run reusing the log directory: the last one counts
+                by_kind = {k: [] for k in KINDS}
+            run_id = obj.get("run_id")
+            _cut_after(by_kind, obj.get("resumed_iteration"))
+        elif kind in by_kind:
             by_kind[kind].append(_record_from_json(obj, path, lineno))
+    if earlier_runs:
+        plural = "s" if len(earlier_runs) > 1 else ""
+        notes.append(f"{path} holds {len(earlier_runs) + 1} runs: read the last ({run_id}), ignored the earlier "
+                     f"one{plural} ({', '.join(map(str, earlier_runs))})")
     if unparsable:
         last = numbered[-1][0]
         if unparsable == [last]:
@@ -225,6 +243,13 @@ def _record_from_json(obj: dict, path: Path, lineno: int) -> Record:
         flops=number("flops", False),
         extra=extra,
     )
+
+
+def _cut_after(by_kind: dict[str, list[Record]], iteration) -> None:
+    """A segment resumed from the checkpoint at ``iteration``: what its predecessor logged later was undone."""
+    if isinstance(iteration, int) and not isinstance(iteration, bool):
+        for kind, records in by_kind.items():
+            by_kind[kind] = [r for r in records if r.iteration <= iteration]
 
 
 def _apply_rewinds(records: list[Record]) -> list[Record]:

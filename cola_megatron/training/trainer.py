@@ -9,9 +9,11 @@ whole global batch (``calculate_per_token_loss``), so every layout computes the 
 from __future__ import annotations
 
 import math
+import os
 import signal
+import socket
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from typing import Dict, List, Optional
 
@@ -23,8 +25,10 @@ from cola_megatron.config import Config
 from cola_megatron.errors import TrainingStopped
 from cola_megatron.training.batches import MicroBatches
 from cola_megatron.training.checkpoint import CheckpointManager, ResumePoint
+from cola_megatron.training import metrics
 from cola_megatron.training.metrics import MetricsSink, format_train_line, peak_memory_gib, peak_tflops, throughput
 from cola_megatron.training.stop import early_signal
+from cola_megatron.training.profiling import StepProfiler, window_finished
 from cola_megatron.models.accounting import count_parameters, hardware_flops_per_token, training_flops_per_token
 from cola_megatron.models.build import build_model, transformer_config
 from cola_megatron.models.init import initialize_parameters
@@ -40,6 +44,8 @@ class TrainState:
     """Steps not applied (non-finite loss or gradient norm, fp16 loss-scale overflow), over the whole run."""
     nan_streak: int = 0
     """Non-finite steps in a row just now (train.max_nan_skips bounds it)."""
+    run_id: str = ""
+    """Names the run in its metrics across resumes; set at the fresh start."""
 
     def state_dict(self) -> Dict[str, int]:
         return asdict(self)
@@ -48,6 +54,17 @@ class TrainState:
         for f in fields(self):
             if f.name in values:
                 setattr(self, f.name, values[f.name])
+
+
+@dataclass
+class _Interval:
+    """What happened since the last metric line: training steps, and time that was not training."""
+
+    start: float
+    steps: int = 0
+    data: float = 0.0
+    excluded: float = 0.0
+    losses: List[float] = field(default_factory=list)
 
 
 class _StopSignal:
@@ -112,6 +129,7 @@ class Trainer:
         self.train_data = self.valid_data = None
         self.checkpoint = self._build_checkpoint_manager(resume)
         self.history: List[float] = []  # the loss of every step, for tests and callers
+        self.data_seconds = 0.0  # time spent waiting for batches, all schedules together
 
     # ---------------------------------------------------------------------------------------------------------
     # Set-up
@@ -231,8 +249,20 @@ class Trainer:
         for _ in range(chunks):
             mb = MicroBatches(dataset, t.global_batch_size, t.micro_batch_size, self.dp_rank, self.dp_size,
                               start_step=step, device=self.device)
-            iters.append(mb.step_iterator())
+            iters.append(self._timed(mb.step_iterator()))
         return iters if chunks > 1 else iters[0], mb.micro_steps
+
+    def _timed(self, iterator):
+        """The iterator, with the time its batches take added to ``data_seconds``."""
+        while True:
+            begin = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            finally:
+                self.data_seconds += time.perf_counter() - begin
+            yield batch
 
     def _run_schedule(self, dataset, step: int, forward_only: bool) -> torch.Tensor:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -340,16 +370,130 @@ class Trainer:
             f"TP={cfg.parallel.tensor_parallel} PP={cfg.parallel.pipeline_parallel} DP={self.dp_size}"
             + (f" VP={cfg.parallel.virtual_pipeline}" if cfg.parallel.virtual_pipeline else ""))
 
-    def _validate_and_log(self):
+    def _start_run(self) -> None:
+        """The run record of this start or resume (metrics.jsonl and TensorBoard) and what resume does."""
+        from cola_megatron.training.checkpoint.state import current_layout
+
+        cfg, it, total = self.cfg, self.state.iteration, self.cfg.train.train_iters
+        if not self.state.run_id:  # a fresh start (or a checkpoint from before run ids): name the run once
+            ids = [metrics.new_run_id() if self.rank == 0 else None]
+            dist.broadcast_object_list(ids, src=0)
+            self.state.run_id = ids[0]
+        hosts: List[Optional[str]] = [None] * self.world_size
+        dist.all_gather_object(hosts, socket.gethostname())
+        resumed_from = self.checkpoint.resume_path if self.checkpoint is not None else None
+        config_yaml = cfg.to_yaml()
+        record = {
+            "iteration": it,
+            "timestamp": metrics.utc_timestamp(),
+            "run_id": self.state.run_id,
+            "resumed_iteration": it,
+            "resumed_from": resumed_from,
+            "train_iters": total,
+            "config_hash": metrics.config_hash(config_yaml),
+            "layout": {**current_layout(), "world_size": self.world_size},
+            "versions": metrics.software_versions(),
+            "hosts": len(set(hosts)),
+            "device": metrics.device_name(self.device),
+        }
+        versions = " ".join(f"{k} {v}" for k, v in record["versions"].items())
+        self.sink.start_run(record, config_yaml,
+                            f"cola-train: run {record['run_id']} | config {record['config_hash']} | {versions} | "
+                            f"{record['hosts']} host{'s' if record['hosts'] > 1 else ''}, {record['device']}")
+        if self.sink.appended_to_earlier and not resumed_from:
+            self.sink.message(f"cola-train: {cfg.logging.log_dir}/metrics.jsonl holds an earlier run; this run's "
+                              "records follow its own run record (cola-compare reads the last run)")
+        if resumed_from:
+            self.sink.message(f"cola-train: resumed from {resumed_from}: {it} of {total} iterations done"
+                              + (f", {total - it} to go" if it < total else ""))
+
+    def _nothing_left(self) -> None:
+        t = self.cfg.train
+        self.sink.message(
+            f"cola-train: nothing left to train: the run is at iteration {self.state.iteration} and "
+            f"train.train_iters={t.train_iters}. To train on, raise train.train_iters (e.g. "
+            f"train.train_iters={max(2 * t.train_iters, self.state.iteration + t.train_iters)}); to start a new run, "
+            "choose a new checkpoint.save_dir")
+
+    def _validate_and_log(self) -> Optional[Dict[str, float]]:
+        """Validate, and log the result with how long it took."""
+        self._sync_device()
+        begin = time.monotonic()
         result = self.evaluate()
+        self._sync_device()
+        seconds = time.monotonic() - begin
         if result is None:
             return None
         it = self.state.iteration
         tokens = it * self.tokens_per_step
-        record = {"iteration": it, "tokens": tokens, "flops": tokens * self.flops_per_token, **result}
-        self.sink.log("valid", record, f"validation at iter {it}: loss {result['loss']:.4f} | "
-                                       f"perplexity {result['ppl']:.2f}")
+        record = {"iteration": it, "timestamp": metrics.utc_timestamp(), "tokens": tokens,
+                  "flops": tokens * self.flops_per_token, **result, "seconds": seconds}
+        self.sink.log("valid", record, f"{metrics.console_prefix(record['timestamp'])} validation at iter {it}: "
+                                       f"loss {result['loss']:.4f} | perplexity {result['ppl']:.2f} | "
+                                       f"{seconds:.2f} s")
         return result
+
+    def _not_training(self, action, *args, **kwargs) -> float:
+        """Run an evaluation or checkpoint action; returns the seconds it took (left out of the throughput)."""
+        self._sync_device()
+        begin = time.monotonic()
+        action(*args, **kwargs)
+        self._sync_device()
+        return time.monotonic() - begin
+
+    def _checkpoint(self, action, *args, **kwargs) -> float:
+        """Run a checkpoint action (maybe_save / finish), log a save with its duration; returns the seconds."""
+        before = self.checkpoint.last_saved_iteration
+        self._sync_device()
+        begin = time.monotonic()
+        action(*args, **kwargs)
+        seconds = time.monotonic() - begin
+        it = self.state.iteration
+        if self.checkpoint.last_saved_iteration == it and before != it:
+            from cola_megatron.training.checkpoint import checkpoint_name
+
+            asynchronous = self.cfg.checkpoint.async_save
+            record = {"iteration": it, "timestamp": metrics.utc_timestamp(), "seconds": seconds,
+                      "path": os.path.join(self.cfg.checkpoint.save_dir, checkpoint_name(it)),
+                      "async": asynchronous}
+            self.sink.log("checkpoint", record,
+                          f"{metrics.console_prefix(record['timestamp'])} checkpoint at iter {it}: {seconds:.2f} s"
+                          + (" (async: the write goes on in the background)" if asynchronous else ""))
+        return seconds
+
+    def _train_record(self, it: int, now: float, started: float, first: int, interval: "_Interval",
+                      grad_norm: float, peak: Optional[float]) -> Dict:
+        """One interval's metrics. Rates are over its training time: evaluation and checkpoint time are out."""
+        t = self.cfg.train
+        wall = now - interval.start
+        train_s = max(wall - interval.excluded, 1e-9)
+        steps = max(interval.steps, 1)
+        tokens = it * self.tokens_per_step
+        finite = [x for x in interval.losses if math.isfinite(x)]
+        fp16 = t.mixed_precision and t.precision == "fp16"
+        return {
+            "iteration": it,
+            "timestamp": metrics.utc_timestamp(),
+            "tokens": tokens,
+            "flops": tokens * self.flops_per_token,
+            "loss": sum(finite) / len(finite) if finite else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": grad_norm,
+            "elapsed_s": now - started,
+            "interval_s": wall,
+            "excluded_s": interval.excluded,
+            "train_s": train_s,
+            "ms_per_iter": 1000.0 * train_s / steps,
+            "data_ms_per_iter": 1000.0 * interval.data / steps,
+            # The segment's wall time per iteration so far (evaluations and saves recur, so they count here).
+            "eta_s": (t.train_iters - it) * (now - started) / max(it - first, 1),
+            # tokens_per_s, tokens_per_s_per_gpu, tflops_per_gpu, mfu and hfu (hardware FLOPs: recomputation counted)
+            **throughput(interval.steps * self.tokens_per_step, train_s, self.world_size, self.flops_per_token,
+                         peak, self.hardware_flops_per_token),
+            **peak_memory_gib(self.device),
+            "skipped": self.state.skipped_iters,
+            "loss_scale": float(self.optimizer.get_loss_scale()) if fp16 else None,
+        }
 
     def train(self) -> str:
         """Run until train_iters, a stop signal or the wall-clock limit. Returns why it stopped."""
@@ -358,44 +502,46 @@ class Trainer:
         if self.train_data is None:
             raise RuntimeError("attach_data() before train()")
         self._log_header()
+        self._start_run()
+        first = self.state.iteration
+        if first >= t.train_iters:
+            self._nothing_left()
+            self.sink.close()
+            return "nothing to do"
         stop = _StopSignal()
+        profiler = StepProfiler(cfg, self.rank, self.device)
+        profile_reported = False
         peak = peak_tflops(cfg.logging.peak_tflops)
-        start = time.monotonic()
-        interval_start, interval_losses, interval_steps = time.monotonic(), [], 0
+        started = time.monotonic()
+        interval = _Interval(started)
         reason = "finished"
         try:
             while self.state.iteration < t.train_iters:
+                profiler.before_step(self.state.iteration + 1)
+                data_before = self.data_seconds
                 result = self.train_step()
                 it = self.state.iteration
-                if not result["skipped"]:
-                    interval_losses.append(result["loss"])
-                interval_steps += 1
+                profiler.after_step(it)
+                interval.data += self.data_seconds - data_before
+                interval.losses.append(result["loss"])
+                interval.steps += 1
                 if it % cfg.logging.log_interval == 0 or it == t.train_iters:
                     self._sync_device()
-                    elapsed = time.monotonic() - interval_start
-                    tokens = it * self.tokens_per_step
-                    record = {
-                        "iteration": it,
-                        "tokens": tokens,
-                        "flops": tokens * self.flops_per_token,
-                        # NaN when every step of the interval was skipped: a 0.0 would look like a perfect fit
-                        "loss": sum(interval_losses) / len(interval_losses) if interval_losses else float("nan"),
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "grad_norm": result["grad_norm"],
-                        **throughput(interval_steps * self.tokens_per_step, elapsed, self.world_size,
-                                     self.flops_per_token, peak, self.hardware_flops_per_token),
-                        "peak_mem_gib": peak_memory_gib(self.device),
-                        "skipped": self.state.skipped_iters,
-                    }
+                    record = self._train_record(it, time.monotonic(), started, first, interval,
+                                                result["grad_norm"], peak)
+                    where = None if profile_reported else window_finished(cfg, it, first)
+                    if where:
+                        record["profile_dir"] = where
+                        profile_reported = True
                     self.sink.log("train", record, format_train_line(record, t.train_iters))
-                    interval_start, interval_losses, interval_steps = time.monotonic(), [], 0
+                    interval = _Interval(time.monotonic())
                 self._stop_on_nan_streak()
                 in_streak = self.state.nan_streak > 0
                 if t.eval_interval and it % t.eval_interval == 0 and it < t.train_iters:
-                    self._validate_and_log()
+                    interval.excluded += self._not_training(self._validate_and_log)
                 if self.checkpoint is not None:
-                    self.checkpoint.maybe_save(allowed=not in_streak)
-                timed_out = t.exit_duration_minutes is not None and (time.monotonic() - start) / 60 >= t.exit_duration_minutes
+                    interval.excluded += self._checkpoint(self.checkpoint.maybe_save, allowed=not in_streak)
+                timed_out = t.exit_duration_minutes is not None and (time.monotonic() - started) / 60 >= t.exit_duration_minutes
                 if self._agree(stop.received is not None or timed_out):
                     reason = "signal" if stop.received is not None else "time limit"
                     break
@@ -404,7 +550,7 @@ class Trainer:
                 self._stop_on_nan_streak(at_end=True)
             final = self._validate_and_log() if reason == "finished" else None
             if self.checkpoint is not None:
-                self.checkpoint.finish(allowed=not in_streak)  # a signal inside a streak: no save
+                self._checkpoint(self.checkpoint.finish, allowed=not in_streak)  # a signal inside a streak: no save
             if final is not None and not math.isfinite(final["loss"]):
                 raise TrainingStopped(
                     f"the final validation loss is {final['loss']} although every applied step was finite. Fix: "
@@ -412,6 +558,7 @@ class Trainer:
             if reason != "finished":
                 self.sink.message(f"cola-train: stopped at iteration {self.state.iteration} ({reason})")
         finally:
+            profiler.close()
             stop.restore()
             self.sink.close()
         return reason
