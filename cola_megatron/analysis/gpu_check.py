@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-from multiprocessing import forkserver
 import os
 import signal
 import sys
@@ -84,10 +83,14 @@ def phase_boxes(phases: Sequence[Phase], budget_s: float, used_s: float, index: 
 PHASES_MODULE = "cola_megatron.analysis.gpu_phases"
 
 
-def _phase_entry(name: str, settings: Dict, results_path: str, log_path: str) -> None:
+def _phase_entry(module: str, name: str, settings: Dict, results_path: str, log_path: str) -> None:
     import importlib
 
-    importlib.import_module(PHASES_MODULE).run_phase(name, settings, results_path, log_path)
+    importlib.import_module(module).run_phase(name, settings, results_path, log_path)
+
+
+def _noop() -> None:
+    pass
 
 
 def _kill_group(pid: int) -> None:
@@ -97,13 +100,17 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def run_phases(phases: Sequence[Phase], settings: Dict, out_dir: str, budget_s: float) -> List[Dict]:
-    """Run each phase in a process forked from a preloaded server, each within its box; returns the phase records."""
+def run_phases(phases: Sequence[Phase], settings: Dict, out_dir: str, budget_s: float,
+               module: str = PHASES_MODULE) -> List[Dict]:
+    """Run each phase in a process forked from a server that preloaded ``module``, each within its box (the
+    module's ``run_phase(name, settings, results_path, log_path)`` runs it); returns the phase records."""
     ctx = multiprocessing.get_context("forkserver")
     # The server imports torch and megatron-core once (seconds on a CPU) and never touches CUDA, so every phase
     # starts warm and initialises its own device; this process never imports them.
-    ctx.set_forkserver_preload([PHASES_MODULE])
-    forkserver.ensure_running()  # now, so that the import is not charged to the first phase's box
+    ctx.set_forkserver_preload([module])
+    warm = ctx.Process(target=_noop)  # waits for the server's imports, so they are not charged to a phase's box
+    warm.start()
+    warm.join()
     results_path = os.path.join(out_dir, "results.jsonl")
     log_path = os.path.join(out_dir, "phases.log")
     outcomes, used = [], 0.0
@@ -112,7 +119,7 @@ def run_phases(phases: Sequence[Phase], settings: Dict, out_dir: str, budget_s: 
         _log(log_path, f"gpu-check: phase {phase.name} (box {box:.0f} s)")
         start = time.monotonic()
         proc = ctx.Process(target=_phase_entry, name=f"gpu-check-{phase.name}",
-                           args=(phase.name, dict(settings, deadline=time.time() + box), results_path, log_path))
+                           args=(module, phase.name, dict(settings, deadline=time.time() + box), results_path, log_path))
         proc.start()
         proc.join(box)
         if proc.is_alive():
