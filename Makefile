@@ -19,7 +19,7 @@ VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
 endif
 
-.PHONY: demo test install corpus clean
+.PHONY: demo test install corpus clean gpu-check wheels
 
 install: $(STAMP)
 
@@ -53,6 +53,22 @@ demo: $(STAMP) $(CORPUS)
 test: $(STAMP)
 	$(MAKE) --no-print-directory corpus || echo "sample corpus unavailable: tests that need it will be skipped"
 	$(PYTHON) -m pytest -q tests
+
+# The GPU check (docs/gpu-check.md): every phase in its own time box; outputs in GPU_CHECK_OUT. It installs
+# nothing, so it runs where only torch is installed and megatron-core comes from `make wheels`' folder.
+GPU_CHECK_OUT ?= runs/gpu_check
+GPU_CHECK_PY ?= $(if $(wildcard $(PYTHON)),$(PYTHON),$(PY))
+gpu-check:
+	$(GPU_CHECK_PY) tools/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# Wheels a GPU machine without network access needs besides its own torch (Python 3.12, x86-64): megatron-core at
+# the version constraints.txt pins. Install them there with
+#   python3 -m pip install --no-index --no-deps --target /tmp/site wheels/*.whl
+WHEELS ?= wheels
+wheels:
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d $(WHEELS) $(shell grep '^megatron-core==' constraints.txt)
 
 # Only what `make demo` made: other runs save to checkpoints/ and log to runs/ too.
 clean:
