@@ -212,9 +212,9 @@ def test_cola_m_keeps_2d_plus_7r_per_token_and_layer():
     d, r = cfg.model.hidden_size, cfg.model.rank
     layer = plan.layer_activations(cfg, tp=1, sequence_parallel=False)
     assert layer.cola_m_kept == 2 * (2 * d + 7 * r)  # bf16
-    # Without recomputation (GPU kernels): 10d + 14r + 4f elements (only_lr_act) plus fp32 RMS and log-sum-exp.
+    # Without recomputation (GPU kernels): 8d + 7r + 3f elements plus fp32 RMS and log-sum-exp.
     f, heads = cfg.model.ffn_hidden_size, cfg.model.num_attention_heads
-    assert layer.full == 2 * (10 * d + 14 * r + 4 * f) + 4 * (2 + heads)
+    assert layer.full == 2 * (8 * d + 7 * r + 3 * f) + 4 * (2 + heads)
     # Sequence parallelism shards what lives on the residual stream, TP the attention and GLU tensors.
     sharded = plan.layer_activations(cfg, tp=4, sequence_parallel=True)
     assert sharded.cola_m_kept == layer.cola_m_kept / 4
