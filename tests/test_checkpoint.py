@@ -319,7 +319,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
                             text=True)
     try:
         for line in proc.stdout:
-            if line.startswith("iter "):
+            if "] iter " in line:  # "[timestamp] iter N/T | ..."
                 proc.send_signal(signal.SIGTERM)
                 break
         out, err = proc.communicate(timeout=120)
