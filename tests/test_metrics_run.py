@@ -118,6 +118,7 @@ LINE = re.compile(
     r"(?P<ms>[\d.]+) ms/iter \(data (?P<data>[\d.]+) ms\) \| ETA (?P<eta>\d+:\d\d:\d\d) \| tokens (?P<tokens>\S+) \| "
     r"loss (?P<loss>\S+) \| lr (?P<lr>\S+) \| grad_norm (?P<gn>\S+) \| tok/s (?P<tps>\S+) \((?P<tpg>\S+)/gpu\) \| "
     r"TFLOP/s/gpu (?P<tflops>\S+) \| MFU (?P<mfu>n/a \(peak unknown: set logging.peak_tflops\)|[\d.]+%) \| "
+    r"HFU (?P<hfu>n/a \(peak unknown: set logging.peak_tflops\)|[\d.]+%) \| "
     r"peak mem (?P<mem>[\d.]+) GiB alloc / (?P<reserved>n/a reserved \(CPU: peak RSS\)|[\d.]+ GiB reserved) \| "
     r"skipped (?P<skipped>\d+)(?P<rest>.*)$")
 
@@ -154,6 +155,7 @@ def test_metric_line_matches_its_record(runs):
         assert float(m["tpg"]) == pytest.approx(r["tokens_per_s_per_gpu"], rel=1e-3)
         assert float(m["tflops"]) == pytest.approx(r["tflops_per_gpu"], abs=0.006)
         assert r["mfu"] is None and m["mfu"].startswith("n/a (peak unknown")  # CPU: no peak to divide by
+        assert r["hfu"] is None and m["hfu"].startswith("n/a (peak unknown")
         assert float(m["mem"]) == pytest.approx(r["peak_mem_gib"], abs=0.006) and r["peak_mem_gib"] > 0
         assert r["peak_mem_reserved_gib"] is None and m["reserved"].startswith("n/a")
         assert int(m["skipped"]) == r["skipped"] == 0
@@ -332,7 +334,8 @@ def test_fp16_overflow_skips_and_loss_scale(runs):
     # with logging.peak_tflops the MFU is computed against it
     for line, r in zip(lines, train):
         assert r["mfu"] == pytest.approx(100 * r["tflops_per_gpu"] / 1.0, rel=1e-9)
-        assert f"| MFU {r['mfu']:.1f}% |" in line
+        assert r["hfu"] == pytest.approx(r["mfu"], rel=1e-9)  # no recomputation: hardware FLOPs = model FLOPs
+        assert f"| MFU {r['mfu']:.1f}% | HFU {r['hfu']:.1f}% |" in line
 
 
 def test_nan_loss_logged_as_nan():

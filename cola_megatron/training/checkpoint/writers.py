@@ -28,6 +28,15 @@ def die_with_parent(parent_pid: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _serve_results(parent_pid: int) -> None:
+    """Initializer of the results manager: it ignores SIGTERM and SIGINT, which a scheduler sends to every process
+    of a job step (Slurm's scancel and time limit) while the trainer is still saving through it, and dies with the
+    trainer instead."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(parent_pid)
+
+
 def _remember_parent() -> None:
     global _forking_parent
     _forking_parent = os.getpid()
@@ -62,5 +71,5 @@ def _start_results_manager() -> None:
     from multiprocessing.managers import SyncManager
 
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(die_with_parent, (os.getpid(),))
+    manager.start(_serve_results, (os.getpid(),))
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
