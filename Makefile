@@ -37,7 +37,8 @@ corpus: $(CORPUS)
 
 # Train (resuming from checkpoints/demo when it exists), export to Hugging Face, and generate from the export.
 # Run again, it has nothing left to train and says so, then exports and generates again; DEMO_ARGS passes overrides,
-# e.g. `make demo DEMO_ARGS=train.train_iters=600` trains on from the checkpoint.
+# e.g. `make demo DEMO_ARGS="train.train_iters=600 checkpoint.scheduler_from=checkpoint"` trains on from the
+# checkpoint at the finished schedule's final learning rate.
 DEMO_ARGS ?=
 demo: $(STAMP) $(CORPUS)
 	$(PYTHON) -m cola_megatron.train --config configs/demo.yaml $(DEMO_ARGS)
@@ -47,7 +48,7 @@ demo: $(STAMP) $(CORPUS)
 	@echo "demo: generating from runs/demo/hf"
 	$(PYTHON) tools/sample_text.py runs/demo/hf --prompt "It is a truth universally acknowledged"
 	@echo "demo: done. Checkpoint: checkpoints/demo/$$(cat checkpoints/demo/latest); metrics: runs/demo/metrics.jsonl" \
-		"(tensorboard --logdir runs/demo). Train on: make demo DEMO_ARGS=train.train_iters=600; start over: make clean demo"
+		"(tensorboard --logdir runs/demo). Train on: make demo DEMO_ARGS=\"train.train_iters=600 checkpoint.scheduler_from=checkpoint\"; start over: make clean demo"
 
 # The sample corpus is fetched when the package registries are reachable; tests that need it skip otherwise.
 test: $(STAMP)

@@ -409,11 +409,15 @@ class Trainer:
 
     def _nothing_left(self) -> None:
         t = self.cfg.train
+        more = f"train.train_iters={max(2 * t.train_iters, self.state.iteration + t.train_iters)}"
+        if self.cfg.optimizer.decay_iters is None:
+            # The decay length follows train_iters: a longer run must say whose schedule it continues, or the resume
+            # is refused (checkpoint.scheduler_from=config would instead stretch the cosine to the new length).
+            more += " checkpoint.scheduler_from=checkpoint"
         self.sink.message(
             f"cola-train: nothing left to train: the run is at iteration {self.state.iteration} and "
-            f"train.train_iters={t.train_iters}. To train on, raise train.train_iters (e.g. "
-            f"train.train_iters={max(2 * t.train_iters, self.state.iteration + t.train_iters)}); to start a new run, "
-            "choose a new checkpoint.save_dir")
+            f"train.train_iters={t.train_iters}. To train on, raise train.train_iters (e.g. {more}); to start a "
+            "new run, choose a new checkpoint.save_dir")
 
     def _validate_and_log(self) -> Optional[Dict[str, float]]:
         """Validate, and log the result with how long it took."""

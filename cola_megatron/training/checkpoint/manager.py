@@ -494,9 +494,10 @@ class CheckpointManager:
 
     def _retain(self) -> None:
         """keep_last, sparing the checkpoint this run resumed from (when it lives in save_dir) and the newest
-        known-good one. Rank 0 only (no collective: called after single steps)."""
+        known-good one; superseded checkpoints go in any case. Rank 0 only (no collective: called after single
+        steps)."""
         keep = self.cfg.checkpoint.keep_last
-        if not (keep and self._newest_committed and _is_rank0()):
+        if not (self._newest_committed and _is_rank0()):
             return
         save_dir = os.path.abspath(self.save_dir)
         spared = [p for p in (self.resume_path and os.path.abspath(self.resume_path), self._newest_good())

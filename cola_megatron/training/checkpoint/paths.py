@@ -158,17 +158,16 @@ def clear_target(path: str) -> Optional[str]:
 _REPLACED = re.compile(r"^(iter_\d{7})\.replaced-\d+$")
 
 
-def apply_retention(save_dir: str, newest: str, keep: int, protected: Iterable[str] = ()) -> None:
-    """Keep the newest ``keep`` complete checkpoints up to ``newest`` (and always those in ``protected``).
+def apply_retention(save_dir: str, newest: str, keep: Optional[int], protected: Iterable[str] = ()) -> None:
+    """Keep the newest ``keep`` complete checkpoints up to ``newest`` (and always those in ``protected``); a null
+    ``keep`` keeps them all.
 
     ``iter_N.replaced-K`` directories (checkpoints a re-run superseded, see :func:`clear_target`) go once the
-    re-run committed a checkpoint past them."""
-    if not keep:
-        return
+    re-run committed a checkpoint past them, whatever ``keep`` is."""
     newest_it = checkpoint_iteration(newest)
     protected = {newest, *protected}
     older = [n for n in complete_checkpoints(save_dir) if checkpoint_iteration(n) <= newest_it]
-    for name in older[:-keep] if len(older) > keep else []:
+    for name in older[:-keep] if keep and len(older) > keep else []:
         if name not in protected:
             shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
     for name in os.listdir(save_dir):
