@@ -10,7 +10,11 @@ inside flash's backward is kernel work, not model FLOPs; both are printed.
 
 Checked: the counted model FLOPs of ``none`` equal ``training_flops_per_token`` × tokens within 2 % (the formula's
 6·N also counts the norm weights, which cost no GEMM: that is the whole difference, asserted exactly), and the
-extra FLOPs of CoLA-M and full recompute equal ``recompute_flops_per_token`` × tokens exactly.
+extra FLOPs of CoLA-M and full recompute equal ``recompute_flops_per_token`` × tokens exactly: CoLA-M re-runs the
+B GEMMs of q|k|v and gate|up (43 % of the layers' forward GEMMs at these shapes, 44 % at the 1B shapes) and the
+attention core, full recompute every forward GEMM (100 %) and the attention core. A short training run with each
+recompute mode reports HFU / MFU equal to (model + counted extra FLOPs) / model FLOPs, so the metric line's
+hardware figure is the one counted here.
 """
 
 from __future__ import annotations
@@ -66,9 +70,46 @@ def _count_steps():
     return counts
 
 
+HFU_CASES = [("cola", "cola_m"), ("cola", "full")]
+
+
+def _train_records(log_dir):
+    """The train records of one logged step per recompute mode, with a peak given so MFU and HFU are computed."""
+    import json
+    import os
+
+    from cola_megatron.config import config_from_dict
+    from cola_megatron.training.run import run
+
+    records = {}
+    for arch, recompute in HFU_CASES:
+        directory = os.path.join(log_dir, f"{arch}-{recompute}")
+        cfg = config_from_dict({
+            "model": dict(SHAPE, arch=arch, recompute=recompute, only_lr_act=arch == "cola"),
+            "train": dict(micro_batch_size=BATCH, global_batch_size=BATCH, train_iters=1, precision="fp32",
+                          eval_iters=0),
+            "data": {"mock": True},
+            "checkpoint": {"save_dir": None},
+            "logging": dict(log_interval=1, log_dir=directory, tensorboard=False, peak_tflops=1.0),
+        })
+        run(cfg)
+        with open(os.path.join(directory, "metrics.jsonl")) as f:
+            records[(arch, recompute)] = [r for r in map(json.loads, f) if r["kind"] == "train"]
+    return records
+
+
+def _count_and_train(log_dir):
+    return {"counts": _count_steps(), "records": _train_records(log_dir)}
+
+
 @pytest.fixture(scope="module")
-def counts():
-    return run_distributed(_count_steps, 1)[0]
+def measured(tmp_path_factory):
+    return run_distributed(_count_and_train, 1, str(tmp_path_factory.mktemp("flop_runs")))[0]
+
+
+@pytest.fixture(scope="module")
+def counts(measured):
+    return measured["counts"]
 
 
 def _parts(flops: dict):
@@ -103,6 +144,7 @@ def test_counted_model_flops_equal_the_formula(counts, arch):
 def test_recompute_extra_equals_the_documented_cost(counts, arch, recompute):
     from cola_megatron.models.accounting import (
         hardware_flops_per_token,
+        layer_parameters,
         recompute_flops_per_token,
         training_flops_per_token,
     )
@@ -115,7 +157,31 @@ def test_recompute_extra_equals_the_documented_cost(counts, arch, recompute):
     extra = (gemm - gemm0) + (forward - forward0)
     documented = recompute_flops_per_token(m) * tokens
     layer_forward_gemms = gemm0 / 3 - 2 * m.vocab_size * m.hidden_size * tokens  # without the output layer
-    print(f"\n{arch} {recompute}: extra FLOPs {extra:.4g} (GEMMs +{(gemm - gemm0) / layer_forward_gemms:.0%} of the "
-          f"layers' forward GEMMs, attention core +{forward - forward0:.4g}), documented {documented:.4g}; "
+    share = (gemm - gemm0) / layer_forward_gemms
+    print(f"\n{arch} {recompute}: extra FLOPs {extra:.4g} (GEMMs +{share:.1%} of the layers' forward GEMMs, "
+          f"attention core +{forward - forward0:.4g}), documented {documented:.4g}; "
           f"HFU/MFU = {hardware_flops_per_token(m) / training_flops_per_token(m):.3f}")
     assert extra == documented
+    d, f, r, s = m.hidden_size, m.padded_ffn_hidden_size, m.rank, m.seq_length
+    assert forward - forward0 == m.num_layers * 4 * s * d * tokens  # the attention core, once more
+    # CoLA-M: the B GEMMs of q|k|v and gate|up (MHA: kv = d) out of all the layer's GEMM weights; full: all of them.
+    weights = layer_parameters(m).total - layer_parameters(m).norms
+    assert share == pytest.approx(r * (3 * d + 2 * f) / weights if recompute == "cola_m" else 1.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("arch,recompute", HFU_CASES)
+def test_metric_line_hfu_counts_the_recomputation(measured, arch, recompute):
+    """HFU / MFU of the trainer's train records is (model FLOPs + the counted recompute extra) / model FLOPs."""
+    from cola_megatron.models.accounting import training_flops_per_token
+
+    m = _config(arch, recompute).model
+    tokens = BATCH * SHAPE["seq_length"]
+    gemm, forward, _ = _parts(measured["counts"][(arch, recompute)])
+    gemm0, forward0, _ = _parts(measured["counts"][(arch, "none")])
+    model = training_flops_per_token(m) * tokens
+    expected = (model + (gemm - gemm0) + (forward - forward0)) / model
+    (record,) = measured["records"][(arch, recompute)]
+    print(f"\n{arch} {recompute}: MFU {record['mfu']:.4g} %, HFU {record['hfu']:.4g} %: HFU/MFU "
+          f"{record['hfu'] / record['mfu']:.4f}, counted {expected:.4f}")
+    assert expected > 1.1  # recomputation that would show if model FLOPs stood in for hardware FLOPs
+    assert record["hfu"] / record["mfu"] == pytest.approx(expected, rel=1e-9)
