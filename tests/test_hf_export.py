@@ -236,15 +236,36 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(export):
+def layer_calls(model, ids, labels):
+    """Which decoder layers ran in the forward pass and which ran again in the backward pass."""
+    calls = []
+    # Pre-hooks: non-reentrant recomputation stops as soon as the saved tensors are rebuilt, before forward hooks.
+    hooks = [layer.register_forward_pre_hook(lambda *_, i=i: calls.append(i))
+             for i, layer in enumerate(model.model.layers)]
+    try:
+        loss = model(ids, labels=labels).loss
+        forward = list(calls)
+        calls.clear()
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return forward, calls
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_recomputes_layers_with_the_same_gradients(export, use_reentrant):
     ids, labels = batch_of()
     model = load(export).train()
-    model(ids, labels=labels).loss.backward()
+    layers = list(range(model.config.num_hidden_layers))
+    assert layer_calls(model, ids, labels) == (layers, [])
     plain = grads(model)
     model.zero_grad(set_to_none=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     assert model.model.gradient_checkpointing
-    model(ids, labels=labels).loss.backward()
+    forward, backward = layer_calls(model, ids, labels)
+    # Each layer runs once more in the backward pass: its activations were recomputed, not kept.
+    assert forward == layers and sorted(backward) == layers, (forward, backward)
     checkpointed = grads(model)
     assert set(checkpointed) == set(plain) and len(plain) == len(list(model.parameters()))
     for name, grad in plain.items():
@@ -285,18 +306,51 @@ def test_one_peft_lora_step(export):
                 assert torch.equal(param, before[plain]), name
 
 
-def test_trainer_gradient_accumulation_equals_one_doubled_batch(export, tmp_path):
+def uneven_batch_of(seed=3):
+    """Right-padded rows with 1, 2, 4 and 9 targets: however the Trainer pairs them into micro-batches of 2, the
+    micro-batches hold different numbers of targets, so a mean of micro-batch means differs from the batch mean."""
+    ids, _ = batch_of(seed=seed)
+    lengths = torch.tensor([2, 3, 5, 10])
+    attention_mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    ids = ids.masked_fill(attention_mask == 0, 1)  # the export's pad id
+    labels = ids.masked_fill(attention_mask == 0, -100)
+    # Position 0 is never a target; ignoring it keeps the count exact also on Trainers that count it (before
+    # transformers#46204).
+    labels[:, 0] = -100
+    return ids, labels, attention_mask
+
+
+def trainer_counts_items_in_batch():
+    import inspect
+
+    from transformers import Trainer
+
+    return "num_items_in_batch" in inspect.signature(Trainer.compute_loss).parameters
+
+
+@pytest.mark.parametrize("targets", ["equal", "uneven"])
+def test_trainer_gradient_accumulation_equals_one_doubled_batch(export, tmp_path, targets):
+    import transformers
     from torch.utils.data import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    ids, labels = batch_of(rows=4)
+    if targets == "equal":
+        ids, labels = batch_of(rows=4)
+        attention_mask = torch.ones_like(ids)
+        runs = ((2, 2), (4, 1))
+    else:
+        if not trainer_counts_items_in_batch():
+            pytest.skip(f"transformers {transformers.__version__} has no num_items_in_batch (4.46+): its Trainer "
+                        "averages micro-batch means, equal to the batch mean only for equal target counts")
+        ids, labels, attention_mask = uneven_batch_of()
+        runs = ((2, 2),)
 
     class Rows(Dataset):
         def __len__(self):
             return len(ids)
 
         def __getitem__(self, i):
-            return {"input_ids": ids[i], "labels": labels[i]}
+            return {"input_ids": ids[i], "attention_mask": attention_mask[i], "labels": labels[i]}
 
     class KeepGrads(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -311,12 +365,12 @@ def test_trainer_gradient_accumulation_equals_one_doubled_batch(export, tmp_path
         result = Trainer(model=load(export).train(), args=args, train_dataset=Rows(), callbacks=[keep]).train()
         return result.training_loss, keep.grads
 
-    # One doubled batch computed directly: the mean next-token loss over all 4 rows and its gradients.
+    # One doubled batch computed directly: the mean next-token loss over all 4 rows' targets and its gradients.
     model = load(export).train()
-    loss = model(ids, labels=labels).loss
+    loss = model(ids, attention_mask=attention_mask, labels=labels).loss
     loss.backward()
     want = grads(model)
-    for micro_batch, accumulation in ((2, 2), (4, 1)):
+    for micro_batch, accumulation in runs:
         got_loss, got = train(micro_batch, accumulation)
         assert got_loss == pytest.approx(loss.item(), rel=1e-5), (micro_batch, accumulation)
         assert set(got) == set(want)
