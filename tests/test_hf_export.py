@@ -381,6 +381,19 @@ def test_trainer_gradient_accumulation_equals_one_doubled_batch(export, tmp_path
 # ---------------------------------------------------------------- the lowest supported versions
 
 
+def test_declared_floors_are_the_tested_versions():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((hf_floor.REPO / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"] + sum(project["optional-dependencies"].values(), [])]
+    for name in ("transformers", "tokenizers"):
+        specifiers = [s for r in declared if r.name == name for s in r.specifier]
+        assert {s.version for s in specifiers if s.operator == ">="} == {hf_floor.FLOOR[name]}, specifiers
+        assert all(any(s.operator == "<" for s in r.specifier) for r in declared if r.name == name), name
+
+
 @pytest.mark.skipif(bool(os.environ.get(EXPORT_ENV)), reason="this is the run in the second environment")
 def test_the_suite_passes_on_the_lowest_supported_transformers(export, tmp_path):
     target = hf_floor.ensure_environment()
