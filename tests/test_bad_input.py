@@ -36,7 +36,9 @@ MODULES = {
     "cola-convert": "cola_megatron.convert.cli",
 }
 FIX_WORDS = ("fix", "give", "choose", "pass", "use", "check", "create", "set", "write", "see", "re-run", "delete",
-             "lower", "add", "remove", "make", "point", "save", "include", "must be", "re-encode")
+             "lower", "add", "remove", "make", "point", "save", "include", "must be", "re-encode", "name",
+             "run cola-")
+FIX = re.compile(r"\b(?:" + "|".join(re.escape(w) for w in FIX_WORDS) + r")\b", re.IGNORECASE)
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 IDX_HEADER = 34  # megatron's .idx: magic 9, version 8, dtype 1, sequence count 8, document count 8
 
@@ -51,6 +53,10 @@ class Case:
     """A regex the one stderr line must contain."""
     unprivileged: bool = False
     """Needs file permissions to bite: as root, the command runs without the capabilities that bypass them."""
+    checkpoint: bool = False
+    """Starts from a copy of a saved run (the base config trained 2 iterations, a checkpoint after each)."""
+    may_add: tuple = ()
+    """Paths a failing command may add (never change): caches and logs of a run that failed after starting."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -218,6 +224,37 @@ def plan(*args: str, files: Dict[str, bytes] = None):
     return setup
 
 
+# --- resuming a saved run, and damaging its checkpoint (items 2, 5, 6) ---------------------------------------------
+
+SAVED_ITERS = 2
+
+
+def resume(*overrides: str, damage: Callable[[Path], None] = None, command: str = "train"):
+    """The saved run copied to work/ (config, data, ckpt/), ``damage(shard)`` applied to the last checkpoint's
+    first shard, then cola-train resuming it for two more iterations, or ``cola-convert to-hf`` exporting it."""
+    def setup(work: Path) -> List[str]:
+        shutil.copytree(ASSETS["saved"], work, dirs_exist_ok=True)
+        if damage:
+            damage(work / "ckpt" / f"iter_{SAVED_ITERS:07d}" / "__0_0.distcp")
+        if command == "to-hf":
+            return ["cola-convert", "to-hf", "ckpt", "hf", "--no-tokenizer"]
+        return ["cola-train", "--config", "run.yaml", f"train.train_iters={SAVED_ITERS + 2}", *overrides]
+    return setup
+
+
+def truncate_shard(shard: Path) -> None:
+    os.truncate(shard, shard.stat().st_size // 2)
+
+
+def flip_shard_byte(shard: Path) -> None:
+    _patch(shard, shard.stat().st_size // 2, bytes([shard.read_bytes()[shard.stat().st_size // 2] ^ 0xFF]))
+
+
+def truncate_shard_without_manifest(shard: Path) -> None:
+    (shard.parent / "manifest.json").unlink()
+    truncate_shard(shard)
+
+
 NULL_RECORDS = '{"text": "one fox"}\n{"text": null}\n{"text": "two dogs"}\n{"text": null}\n'
 BAD_LINE = '{"text": "one fox"}\n{"text": "two dogs"}\n{"text": "three\n{"text": "four"}\n'
 HUGE_MODEL = ("model.arch=dense", "model.hidden_size=16384", "model.ffn_hidden_size=65536", "model.num_layers=4096",
@@ -335,6 +372,34 @@ CASES = [
          r"job\.yaml already exists"),
     Case("plan-render-into-missing-dir", plan("--render-slurm", "nowhere/job.sbatch"), 2,
          r"directory .*nowhere does not exist"),
+    # Resuming a checkpoint with changed settings, or another run's (items 2, 5)
+    Case("resume-changed-lr", resume("optimizer.lr=1e-4"), 2,
+         r"optimizer\.lr: checkpoint 0\.006, config 0\.0001;.* Fix: set checkpoint\.scheduler_from=config",
+         checkpoint=True),
+    Case("resume-changed-lr-and-min-lr", resume("optimizer.lr=1e-4", "optimizer.min_lr_ratio=0.5"), 2,
+         r"optimizer\.lr: checkpoint 0\.006, config 0\.0001; optimizer\.min_lr_ratio: checkpoint 0\.1, config 0\.5",
+         checkpoint=True),
+    Case("resume-longer-run-null-decay", resume(), 2,
+         r"optimizer\.decay_iters \(null follows train\.train_iters\): checkpoint 2, config 4", checkpoint=True),
+    Case("resume-scheduler-from-typo", resume("checkpoint.scheduler_from=cfg"), 2,
+         r"checkpoint\.scheduler_from: 'cfg' is not one of", checkpoint=True),
+    Case("resume-other-seed", resume("train.seed=99", "checkpoint.scheduler_from=checkpoint"), 2,
+         r"train\.seed: checkpoint 1234, config 99.*checkpoint\.allow_different_run=true", checkpoint=True),
+    Case("resume-other-data", resume("data.valid_paths=[data/valid]", "checkpoint.scheduler_from=checkpoint"), 2,
+         r"data\.valid_paths: checkpoint \['data/train'\], config \['data/valid'\]", checkpoint=True),
+    # Damaged checkpoints, found before loading and named (item 6)
+    Case("resume-truncated-shard", resume("checkpoint.scheduler_from=checkpoint", damage=truncate_shard), 2,
+         r"__0_0\.distcp has \d+ bytes, the manifest records \d+", checkpoint=True),
+    # A checksum needs every byte read: it is verified as the shards load, after the data index is built.
+    Case("resume-flipped-byte-in-shard", resume("checkpoint.scheduler_from=checkpoint", damage=flip_shard_byte), 2,
+         r"__0_0\.distcp does not match its checksum", checkpoint=True, may_add=("data/index-cache/", "logs/")),
+    Case("resume-truncated-shard-no-manifest",
+         resume("checkpoint.scheduler_from=checkpoint", damage=truncate_shard_without_manifest), 2,
+         r"__0_0\.distcp is truncated", checkpoint=True),
+    Case("to-hf-flipped-byte", resume(damage=flip_shard_byte, command="to-hf"), 2,
+         r"__0_0\.distcp does not match its checksum", checkpoint=True),
+    Case("to-hf-truncated-shard", resume(damage=truncate_shard, command="to-hf"), 2,
+         r"__0_0\.distcp has \d+ bytes", checkpoint=True),
 ]
 
 
@@ -343,11 +408,13 @@ CASES = [
 
 
 def snapshot(root: Path) -> Dict[str, str]:
-    """Every file under ``root`` (relative path -> sha256)."""
+    """Every file under ``root`` (relative path -> sha256) and every directory (relative path/ -> "dir")."""
     out = {}
     for path in sorted(root.rglob("*")):
         if path.is_file() and not path.is_symlink():
             out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif path.is_dir() and not path.is_symlink():
+            out[f"{path.relative_to(root)}/"] = "dir"
     return out
 
 
@@ -355,6 +422,23 @@ def _writable_again(root: Path) -> None:
     for path in [root, *root.rglob("*")]:
         if path.is_dir() and not path.is_symlink():
             path.chmod(path.stat().st_mode | stat.S_IWUSR | stat.S_IXUSR)
+
+
+@pytest.fixture(scope="module")
+def saved_run(assets, tmp_path_factory) -> Path:
+    """config, data and ckpt/ of the base config trained for SAVED_ITERS iterations with a checkpoint after each."""
+    ASSETS["root"] = assets
+    root = tmp_path_factory.mktemp("saved_run")
+    _config(root)
+    for ext in ("bin", "idx", "meta.json"):  # a second prefix with the same tokens: other data for a resume
+        shutil.copy(root / "data" / f"train.{ext}", root / "data" / f"valid.{ext}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-m", MODULES["cola-train"], "--config", "run.yaml",
+                          f"train.train_iters={SAVED_ITERS}", "logging.log_dir=null"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (root / "ckpt" / "latest").read_text().strip() == f"iter_{SAVED_ITERS:07d}"
+    return root
 
 
 @pytest.fixture
@@ -375,8 +459,10 @@ def test_the_table_has_unique_ids_and_enough_cases():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, work: Path, assets: Path):
+def test_bad_input(case: Case, work: Path, assets: Path, request):
     ASSETS["root"] = assets
+    if case.checkpoint:
+        ASSETS["saved"] = request.getfixturevalue("saved_run")
     cwd = work / "work"
     argv = case.setup(cwd)
     before = snapshot(cwd)
@@ -405,12 +491,13 @@ def test_bad_input(case: Case, work: Path, assets: Path):
         assert len(matching) == 1, result.stderr
         line = matching[0]
     assert re.search(case.message, line), line
-    assert any(word in line.lower() for word in FIX_WORDS), f"no fix named: {line}"
+    assert FIX.search(line), f"no fix named: {line}"
     after = snapshot(cwd)
     changed = [name for name, digest in before.items() if after.get(name) != digest]
     assert changed == [], f"changed or removed: {changed}"
     if case.code:
-        assert sorted(after) == sorted(before), "a failed command wrote files"
+        added = [name for name in set(after) - set(before) if not name.startswith(case.may_add)]
+        assert added == [], f"a failed command wrote: {sorted(added)}"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -120,3 +120,20 @@ def plain_process_rank():
         yield
     finally:
         dist.get_rank = original
+
+
+class _KnownMLPNotice:
+    """Drops megatron's "Unknown MLP type" warning (logged for every layer built; found on 0.16.1): it is given
+    for any MLP subclass, GLUMLP included, which is then built with the default process groups, as intended."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return not str(record.msg).startswith("Unknown MLP type")
+
+
+def quiet_known_mlp_notice() -> None:
+    import logging
+
+    logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _KnownMLPNotice) for f in logger.filters):
+        logger.addFilter(_KnownMLPNotice())

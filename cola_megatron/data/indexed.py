@@ -124,6 +124,18 @@ def token_id_range(prefix: str, dtype: str, chunk_tokens: int = 1 << 26) -> tupl
     return low, high
 
 
+def _missing_dirs(folder: str) -> list:
+    """The directories ``os.makedirs(folder)`` would create, deepest first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    return missing
+
+
 class IndexedWriter:
     """Write documents through megatron's IndexedDatasetBuilder into temporary files that replace
     `prefix.bin/.idx` only when everything was written (an interrupted run leaves no valid-looking pair)."""
@@ -132,6 +144,7 @@ class IndexedWriter:
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
         self.prefix = prefix
+        self._made_dirs = _missing_dirs(os.path.dirname(os.path.abspath(prefix)))
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         self.dtype = DType.optimal_dtype(vocab_size)
         self._tmp_bin, self._tmp_idx = f"{prefix}.bin.tmp", f"{prefix}.idx.tmp"
@@ -166,3 +179,8 @@ class IndexedWriter:
         for path in (self._tmp_bin, self._tmp_idx):
             if os.path.exists(path):
                 os.remove(path)
+        for folder in self._made_dirs:  # a failed run leaves the tree as it found it
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty: something else wrote there meanwhile
+                break

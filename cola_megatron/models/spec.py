@@ -17,6 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from cola_megatron.compat.megatron import quiet_known_mlp_notice
 from cola_megatron.models.layers.attention import SDPAttention, SeparateQKVSelfAttention
 from cola_megatron.models.layers.cola import CoLAFC1, CoLAFC2, CoLAProj, CoLAQKV
 from cola_megatron.models.layers.norm import RMSNorm
@@ -26,6 +27,7 @@ from cola_megatron.models.layers.mlp import GLUMLP
 CORE_ATTENTION = {"sdpa": SDPAttention, "megatron": DotProductAttention}
 # megatron's SelfAttention and MLP with the q|k|v and GLU paths that store less (same parameters and keys).
 SELF_ATTENTION, MLP_MODULE = SeparateQKVSelfAttention, GLUMLP
+quiet_known_mlp_notice()
 
 
 def layer_spec(arch: str = "cola", attention: str = "sdpa", recompute: str = "none") -> ModuleSpec:
