@@ -224,6 +224,36 @@ def _training_case():
     return histories
 
 
+def _compile_case():
+    """A few steps of cola-train with CoLA-M, eager and with train.torch_compile=true (DP2), and what dynamo did."""
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters, get_compilation_metrics
+
+    from cola_megatron.config import config_from_dict
+    from cola_megatron.training.run import run
+
+    histories = {}
+    for compiled in (False, True):
+        cfg = config_from_dict({
+            "model": dict(SHAPE, num_layers=2, recompute="cola_m"),
+            "train": dict(micro_batch_size=2, global_batch_size=4, train_iters=3, precision="fp32", eval_iters=0,
+                          seed=SEED, torch_compile=compiled),
+            "optimizer": dict(lr=3e-3, warmup_iters=1),
+            "data": dict(mock=True),
+            "logging": dict(log_interval=100),
+        })
+        histories[compiled] = run(cfg, log=False).history
+        dist.barrier()
+    return {
+        "histories": histories,
+        "unique_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": list(counters["graph_break"]),
+        "resumed_frames": list(counters["resumes"]),
+        "frames": [(m.co_name, m.co_filename, m.co_firstlineno, m.graph_op_count, m.fail_type)
+                   for m in get_compilation_metrics()],
+    }
+
+
 def _guarded(case, *args):
     """Run one case; a failure becomes that case's result, so the other cases still report."""
     import traceback
@@ -240,6 +270,7 @@ def _all_cases():
         "pipeline": _guarded(_pipeline_case),
         "memory": _guarded(_memory_case),
         "training": _guarded(_training_case),
+        "compile": _guarded(_compile_case),
         "dropout": _dropout_refused(),
     }
 
@@ -296,6 +327,35 @@ def test_training_losses_equal_to_no_recompute(results, layout):
     histories = _case(results[0]["training"], 0)
     assert len(histories[(layout, "none")]) == 3
     assert histories[(layout, "cola_m")] == histories[(layout, "none")]
+
+
+def test_torch_compile_trains_as_eager_and_compiles_the_layer(results):
+    """train.torch_compile=true with CoLA-M: eager's losses, and dynamo really compiled the layer's math.
+
+    Dynamo cannot trace the backward's torch.autograd.grad, so it does not capture _CoLAMLayer as one
+    autograd.Function: the layer's forward breaks its graph at ``_CoLAMLayer.apply`` (the one break, asserted), and
+    the Function's forward, run by eager autograd with grad disabled, is compiled as a frame of its own, whole (no
+    resume point inside it). The backward, which rebuilds the branches from the stored z's, runs eagerly.
+    """
+    from cola_megatron.models.layers.cola_m import _CoLAMLayer
+
+    code = _CoLAMLayer.forward.__code__
+    lines = {line for _, _, line in code.co_lines() if line is not None} | {code.co_firstlineno}
+    for rank, result in enumerate(results):
+        case = _case(result["compile"], rank)
+        eager, compiled = case["histories"][False], case["histories"][True]
+        assert len(eager) == 3
+        assert compiled == pytest.approx(eager, rel=1e-5)
+        assert case["unique_graphs"] > 0, "dynamo captured no graph: the layers ran eagerly"
+        layer_math = [f for f in case["frames"] if (f[0], f[1], f[2]) == (code.co_name, code.co_filename,
+                                                                          code.co_firstlineno)]
+        assert layer_math and all(ops > 0 and fail is None for *_, ops, fail in layer_math), case["frames"]
+        resumed_inside = [name for name in case["resumed_frames"]
+                          if name.startswith("torch_dynamo_resume_in_forward_at_")
+                          and int(name.rsplit("_", 1)[1]) in lines]
+        assert not resumed_inside, f"graph breaks inside the CoLA-M forward: {resumed_inside}"
+        assert case["graph_breaks"] and all("torch.autograd.grad" in reason for reason in case["graph_breaks"]), \
+            case["graph_breaks"]
 
 
 def test_dropout_is_refused_with_the_fix(results):
