@@ -233,7 +233,9 @@ class LayerActivations:
 
 def layer_activations(cfg: Config, tp: int, sequence_parallel: bool, device: str = "cuda") -> LayerActivations:
     """Per-layer saved activations of the LLaMA/CoLA layer this project builds (megatron TransformerLayer, SDPA
-    flash attention, torch rms_norm, megatron's GLU), for the ``bottleneck`` CoLA scheme."""
+    flash attention, torch rms_norm, the project's GLU in ``models/layers/ops.py``, B GEMMs that save z and rebuild
+    σ(z)), for the ``bottleneck`` CoLA scheme. ``device="cpu"`` models torch's composite rms_norm, which also saves
+    the normalised input (``tests/test_saved_tensors.py`` checks that case exactly)."""
     m = cfg.model
     if m.arch == "cola" and cfg.parallel.cola_tp_scheme != "bottleneck":
         raise ConfigError("parallel.cola_tp_scheme: cola-plan models the 'bottleneck' scheme only. "
