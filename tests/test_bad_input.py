@@ -250,6 +250,17 @@ def flip_shard_byte(shard: Path) -> None:
     _patch(shard, shard.stat().st_size // 2, bytes([shard.read_bytes()[shard.stat().st_size // 2] ^ 0xFF]))
 
 
+def nan_weights_without_manifest(shard: Path) -> None:
+    """16 bytes of 0xFF amid the stored output-layer weight (located through torch's checkpoint index): every
+    float32 they cover is a NaN; the sizes still match and, without the manifest, no checksum tells."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    (shard.parent / "manifest.json").unlink()
+    storage = FileSystemReader(str(shard.parent)).read_metadata().storage_data
+    info = next(v for k, v in storage.items() if k.fqn == "output_layer.weight")
+    _patch(shard.parent / info.relative_path, info.offset + info.length // 2, b"\xff" * 16)
+
+
 def truncate_shard_without_manifest(shard: Path) -> None:
     (shard.parent / "manifest.json").unlink()
     truncate_shard(shard)
@@ -398,6 +409,8 @@ CASES = [
          r"__0_0\.distcp is truncated", checkpoint=True),
     Case("to-hf-flipped-byte", resume(damage=flip_shard_byte, command="to-hf"), 2,
          r"__0_0\.distcp does not match its checksum", checkpoint=True),
+    Case("to-hf-nan-weights", resume(damage=nan_weights_without_manifest, command="to-hf"), 2,
+         r"holds NaN/inf weights .*Fix: convert an earlier checkpoint", checkpoint=True),
     Case("to-hf-truncated-shard", resume(damage=truncate_shard, command="to-hf"), 2,
          r"__0_0\.distcp has \d+ bytes", checkpoint=True),
 ]
