@@ -145,7 +145,7 @@ def test_training_operator_environment(tmp_path):
     env_cleared = {k: v for k, v in os.environ.items() if k not in ("NNODES", "NODE_RANK", "NPROC_PER_NODE")}
     # decay_iters fixed: the learning-rate schedule does not depend on train_iters, which the second start lowers.
     overrides = [*TINY, "train.train_iters=100000", "optimizer.decay_iters=10", f"checkpoint.save_dir={save_dir}",
-                 "checkpoint.save_interval=2"]
+                 "checkpoint.save_interval=2", "checkpoint.keep_last=null"]  # a late stop must not prune iter_2
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "environ", env_cleared)
         proc = _start(tmp_path, "pod", overrides, **operator)
