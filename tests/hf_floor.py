@@ -1,9 +1,9 @@
 """The second environment the export suite runs in: the lowest supported transformers and its contemporaries.
 
-Installed once with pip into ``.test-envs/`` (git-ignored) and reused; it holds only these packages and their
-pure-Python dependencies, and borrows torch (and the rest) from the running interpreter through ``PYTHONPATH``
-order. peft and accelerate are installed without dependencies, so pip does not fetch a second torch. The floors in
-pyproject.toml are these versions.
+A virtual environment in ``.test-envs/`` (git-ignored), created once and reused. It holds only these packages and
+their pure-Python dependencies; a ``.pth`` file appended to its site-packages lets it see the test environment's
+packages (torch, megatron-core, ...) behind its own, so its versions win and no second torch is downloaded. peft and
+accelerate are installed without dependencies for the same reason. The floors in pyproject.toml are these versions.
 """
 
 import hashlib
@@ -35,22 +35,36 @@ def environment_dir() -> Path:
     return REPO / ".test-envs" / f"hf-floor-{key}"
 
 
-def _pip(target: Path, *args) -> None:
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-input",
-           "--target", str(target), *args]
+def python(env: Path) -> Path:
+    return env / "bin" / "python"
+
+
+def _pip(env: Path, *args) -> None:
+    cmd = [sys.executable, "-m", "pip", "--python", str(python(env)), "install", "-q", "--disable-pip-version-check",
+           "--no-input", *args]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     if run.returncode != 0:
         last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
         pytest.skip(f"cannot install the lowest supported transformers stack ({last}); PyPI must be reachable once")
 
 
+def _see_this_environment(env: Path) -> None:
+    """Append this interpreter's site-packages to the new environment's path, behind its own."""
+    site = subprocess.run([str(python(env)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    here = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+    (Path(site) / "cola_test_parent_env.pth").write_text("".join(p + "\n" for p in here))
+
+
 def ensure_environment() -> Path:
-    """The environment's directory, installed on first use (about a minute, 0.5 GB) and reused afterwards."""
+    """The environment's directory, created on first use (about a minute, 0.5 GB) and reused afterwards."""
     target = environment_dir()
     if (target / ".complete").exists():
         return target
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(partial)], check=True, timeout=300)
+    _see_this_environment(partial)
     _pip(partial, *_specs(FLOOR))
     _pip(partial, "--no-deps", *_specs(FLOOR_NO_DEPS))
     (partial / ".complete").write_text(" ".join(_specs(FLOOR) + _specs(FLOOR_NO_DEPS)) + "\n")

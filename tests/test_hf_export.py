@@ -396,10 +396,10 @@ def test_declared_floors_are_the_tested_versions():
 
 @pytest.mark.skipif(bool(os.environ.get(EXPORT_ENV)), reason="this is the run in the second environment")
 def test_the_suite_passes_on_the_lowest_supported_transformers(export, tmp_path):
-    target = hf_floor.ensure_environment()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(hf_floor.REPO)]),
+    floor = hf_floor.ensure_environment()
+    env = dict(os.environ, PYTHONPATH=str(hf_floor.REPO),
                **{EXPORT_ENV: str(export), EXPECT_ENV: hf_floor.FLOOR["transformers"]})
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+    run = subprocess.run([str(hf_floor.python(floor)), "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
                          cwd=hf_floor.REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "skipped" in run.stdout  # everything above ran; only this test skipped
