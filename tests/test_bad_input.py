@@ -3,8 +3,9 @@
 Each case builds its files in a fresh directory, runs a console script's module (`python -m ...`, what the script's
 `main` runs) there, and asserts the exit code, one line on stderr matching the case's message and naming the fix, no
 traceback, and that every file that was there before is byte-identical after (for a failure: nothing written at
-all). Cases fail before megatron-core or torch is imported, so each costs well under a second; the few that must
-read their input with `datasets` or a tokenizer cost a few seconds.
+all). Most cases fail before megatron-core or torch is imported, so each costs well under a second; those that read
+their input with `datasets` or a tokenizer, or resume a saved run's checkpoint, cost a few seconds. The cases run
+two at a time.
 
 To add a case: write a setup function ``setup(work: Path) -> argv`` (argv[0] a console script name) and add a
 ``Case`` row to ``CASES``.
@@ -22,6 +23,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -454,15 +456,48 @@ def saved_run(assets, tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def work():
-    """A fresh working directory (work/) and a home for caches (home/)."""
+@dataclass
+class Outcome:
+    argv: List[str]
+    before: Dict[str, str]
+    after: Dict[str, str]
+    result: subprocess.CompletedProcess
+
+
+def run_case(case: Case) -> Outcome:
+    """The case in a fresh working directory (work/) with a home for caches (home/), both removed afterwards."""
     home = Path(tempfile.mkdtemp(prefix="cola-bad-input-"))
-    (home / "work").mkdir()
-    (home / "home").mkdir()
-    yield home
-    _writable_again(home)
-    shutil.rmtree(home, ignore_errors=True)
+    try:
+        cwd = home / "work"
+        cwd.mkdir()
+        (home / "home").mkdir()
+        argv = case.setup(cwd)
+        before = snapshot(cwd)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               "HOME": str(home / "home"), "HF_HOME": str(home / "home" / "hf"), "PYTHONDONTWRITEBYTECODE": "1"}
+        env.pop("RANK", None)
+        env.pop("WORLD_SIZE", None)
+        # Root ignores file modes; without the capabilities that let it, the kernel checks them as for anyone.
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if case.unprivileged and IS_ROOT else []
+        result = subprocess.run([*prefix, sys.executable, "-m", MODULES[argv[0]], *argv[1:]], cwd=cwd, env=env,
+                                capture_output=True, text=True, timeout=300)
+        return Outcome(argv, before, snapshot(cwd), result)
+    finally:
+        _writable_again(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def outcomes(assets, request):
+    """Runs the selected cases two at a time (each one is mostly a Python start-up) and hands each test its own."""
+    ASSETS["root"] = assets
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_bad_input" and hasattr(item, "callspec")]
+    if any(case.checkpoint for case in selected):
+        ASSETS["saved"] = request.getfixturevalue("saved_run")
+    pool = ThreadPoolExecutor(2)
+    yield {case.id: pool.submit(run_case, case) for case in selected}
+    pool.shutdown(cancel_futures=True)
 
 
 def test_the_table_has_unique_ids_and_enough_cases():
@@ -472,25 +507,11 @@ def test_the_table_has_unique_ids_and_enough_cases():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, work: Path, assets: Path, request):
-    ASSETS["root"] = assets
-    if case.checkpoint:
-        ASSETS["saved"] = request.getfixturevalue("saved_run")
-    cwd = work / "work"
-    argv = case.setup(cwd)
-    before = snapshot(cwd)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "HOME": str(work / "home"), "HF_HOME": str(work / "home" / "hf"), "PYTHONDONTWRITEBYTECODE": "1"}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    prefix = []
-    if case.unprivileged and IS_ROOT:
-        # Root ignores file modes; without the capabilities that let it, the kernel checks them as for anyone.
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: permissions cannot be enforced")
-        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
-    result = subprocess.run([*prefix, sys.executable, "-m", MODULES[argv[0]], *argv[1:]], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=300)
+def test_bad_input(case: Case, outcomes):
+    if case.unprivileged and IS_ROOT and shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permissions cannot be enforced")
+    outcome = outcomes[case.id].result()
+    argv, before, after, result = outcome.argv, outcome.before, outcome.after, outcome.result
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
     assert result.returncode == case.code, output
@@ -505,7 +526,6 @@ def test_bad_input(case: Case, work: Path, assets: Path, request):
         line = matching[0]
     assert re.search(case.message, line), line
     assert FIX.search(line), f"no fix named: {line}"
-    after = snapshot(cwd)
     changed = [name for name, digest in before.items() if after.get(name) != digest]
     assert changed == [], f"changed or removed: {changed}"
     if case.code:
