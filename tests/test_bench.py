@@ -15,7 +15,8 @@ def _bench(*args, timeout=600):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out_json = tmp_path_factory.mktemp("bench") / "bench.json"
-    out = _bench("--variants", "cola,dense,cola_full,cola_m,cola_compile,cola_m_compile", "--steps", "2", "--warmup", "1",
+    # cola_m_compile is left to tests/test_cola_m.py, which also checks what dynamo compiled.
+    out = _bench("--variants", "cola,dense,cola_full,cola_m,cola_compile", "--steps", "2", "--warmup", "1",
                  "--micro-batch", "2", "--json", str(out_json))
     assert out.returncode == 0, out.stderr
     return out.stdout, json.loads(out_json.read_text())
@@ -23,8 +24,7 @@ def tiny_run(tmp_path_factory):
 
 def test_report_has_every_variant_and_ratios(tiny_run):
     stdout, data = tiny_run
-    assert [r["variant"] for r in data["results"]] == ["cola", "dense", "cola_full", "cola_m", "cola_compile",
-                                                      "cola_m_compile"]
+    assert [r["variant"] for r in data["results"]] == ["cola", "dense", "cola_full", "cola_m", "cola_compile"]
     for line in ("ratio dense/cola: throughput", "ratio cola_full/cola: throughput", "ratio cola_m/cola: throughput"):
         assert line in stdout
     assert "torch" in data["header"] and "megatron-core" in data["header"] and "device" in data["header"]
@@ -40,8 +40,6 @@ def test_variants_are_the_models_they_claim(tiny_run):
     assert by["cola_full"]["losses"] == by["cola"]["losses"]
     assert by["cola_m"]["losses"] == pytest.approx(by["cola"]["losses"], rel=1e-6)
     assert by["cola_compile"]["losses"] == pytest.approx(by["cola"]["losses"], rel=1e-5)
-    # CoLA-M's autograd function under torch.compile (train.torch_compile=true) trains as eager.
-    assert by["cola_m_compile"]["losses"] == pytest.approx(by["cola_m"]["losses"], rel=1e-5)
     assert by["dense"]["losses"] != by["cola"]["losses"]
     assert len(by["cola"]["losses"]) == 3  # warm-up + timed steps
 
