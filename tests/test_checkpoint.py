@@ -348,21 +348,3 @@ def test_retention_prunes_superseded_checkpoints_whatever_keep_last(tmp_path, ke
         ["iter_0000002", "iter_0000004", "iter_0000006"]
     # iter_4's superseded copy goes (the re-run saved past it); iter_8's stays until the re-run gets there
     assert left == sorted(kept + ["iter_0000008.replaced-1"])
-
-
-def test_nothing_left_advice_trains_on(tmp_path):
-    """At train_iters the run says how to train on; with a decay length that follows train_iters (the demo's) the
-    suggested overrides must resume, not be refused for the schedule they change."""
-    save_dir = tmp_path / "run"
-    first = _cli(save_dir, "train.train_iters=2", "checkpoint.save_interval=2")
-    assert first.returncode == 0, first.stderr
-    again = _cli(save_dir, "train.train_iters=2", "checkpoint.save_interval=2")
-    assert again.returncode == 0, again.stderr
-    advice = [line for line in again.stdout.splitlines() if "nothing left to train" in line]
-    assert advice, again.stdout
-    overrides = advice[0].split("(e.g. ")[1].split(")")[0].split()
-    assert overrides == ["train.train_iters=4", "checkpoint.scheduler_from=checkpoint"]
-    on = _cli(save_dir, *overrides, "checkpoint.save_interval=2")
-    assert on.returncode == 0, on.stderr
-    assert "2 of 4 iterations done" in on.stdout
-    assert (save_dir / "latest").read_text().strip() == "iter_0000004"

@@ -2,8 +2,8 @@
 
 One launched pair of gloo processes (data parallel 2) runs the command line five times: a fresh run whose last
 checkpoint is then lost (as when a job dies while saving), a resume that re-trains from the checkpoint before it, the
-same command again (nothing left to train), an fp16 run whose first steps overflow, and a run traced by the profiler
-on rank 1 only.
+same command again (nothing left to train), an fp16 run whose first steps overflow, a run traced by the profiler
+on rank 1 only, and a finished run whose "nothing left to train" advice is then followed.
 """
 
 import contextlib
@@ -66,7 +66,36 @@ def _runs(tmp):
                             "optimizer.warmup_iters=1", "logging.log_interval=2", f"logging.log_dir={tmp}/prof",
                             "checkpoint.save_dir=null", "checkpoint.save_interval=0", "train.profile.enabled=true",
                             "train.profile.start_step=2", "train.profile.end_step=3", "train.profile.ranks=[1]"])
+    # A finished run whose decay length follows train_iters (the demo's): its advice, followed literally.
+    advice = ["--config", "configs/demo.yaml", *MOCK, *SHAPE, "train.global_batch_size=4", "train.micro_batch_size=2",
+              "train.eval_iters=0", "optimizer.warmup_iters=1", "logging.log_dir=null",
+              f"checkpoint.save_dir={tmp}/advice", "checkpoint.save_interval=2"]
+    out["advice_done"] = _cli(tmp, "advice_done", advice + ["train.train_iters=2"])
+    out["advice_again"] = _cli(tmp, "advice_again", advice + ["train.train_iters=2"])
+    suggested = _from_rank0(tmp, "advice", _suggested_overrides(out["advice_again"][1]))
+    out["advice_followed"] = _cli(tmp, "advice_followed", advice + suggested)
     return out
+
+
+def _suggested_overrides(stdout):
+    """The overrides the "nothing left to train" message suggests (None where it was not printed)."""
+    line = next((line for line in stdout.splitlines() if "nothing left to train" in line), None)
+    return line and line.split("(e.g. ")[1].split(")")[0].split()
+
+
+def _from_rank0(tmp, name, value):
+    """Rank 0's value on every rank (only rank 0 prints the run's messages)."""
+    import time
+
+    path = os.path.join(tmp, f"{name}.json")
+    if os.environ["RANK"] == "0":
+        with open(path + ".tmp", "w") as f:
+            json.dump(value, f)
+        os.replace(path + ".tmp", path)
+    while not os.path.exists(path):
+        time.sleep(0.05)
+    with open(path) as f:
+        return json.load(f)
 
 
 def _new_group(tmp, n):
@@ -240,6 +269,18 @@ def test_resume_says_what_it_does(runs):
             "checkpoint.save_dir") in stdout
     assert not train_lines(stdout) and "validation" not in stdout and "saved checkpoint" not in stdout
     assert segments(records(tmp / "log" / "metrics.jsonl"))[-1][1] == []  # a header, and nothing repeated
+
+
+def test_nothing_left_advice_trains_on(runs):
+    """With a decay length that follows train_iters, raising train_iters alone would be refused for the schedule
+    it changes; the advice names the key that settles it, and following it trains on."""
+    tmp, out = runs
+    assert out["advice_done"][0] == 0 and out["advice_again"][0] == 0
+    assert _suggested_overrides(out["advice_again"][1]) == ["train.train_iters=4", "checkpoint.scheduler_from=checkpoint"]
+    rc, stdout = out["advice_followed"]
+    assert rc == 0, stdout[-3000:]
+    assert "2 of 4 iterations done, 2 to go" in stdout
+    assert (tmp / "advice" / "latest").read_text().strip() == "iter_0000004"
 
 
 def test_compare_reads_the_segmented_file_as_one_curve(runs, tmp_path):
