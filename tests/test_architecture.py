@@ -93,7 +93,7 @@ def test_the_package_is_split_by_concern():
     folders = [n for n in top if (PACKAGE / n).is_dir()]
     assert folders == ["analysis", "compat", "configs", "convert", "data", "hf", "launch", "models", "training"]
     assert [n for n in top if n.endswith(".py")] == ["cli.py", "config.py", "errors.py", "faults.py",
-                                                      "resources.py", "train.py"]
+                                                      "filesystem.py", "resources.py", "train.py"]
 
 
 @pytest.mark.parametrize("top_level_only", [True, False], ids=["module-level", "all-imports"])

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from cola_megatron.errors import DataError
+from cola_megatron.filesystem import existing_ancestor
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 _IDX_HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
@@ -124,18 +125,6 @@ def token_id_range(prefix: str, dtype: str, chunk_tokens: int = 1 << 26) -> tupl
     return low, high
 
 
-def _missing_dirs(folder: str) -> list:
-    """The directories ``os.makedirs(folder)`` would create, deepest first."""
-    missing = []
-    while folder and not os.path.exists(folder):
-        missing.append(folder)
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            break
-        folder = parent
-    return missing
-
-
 class IndexedWriter:
     """Write documents through megatron's IndexedDatasetBuilder into temporary files that replace
     `prefix.bin/.idx` only when everything was written (an interrupted run leaves no valid-looking pair)."""
@@ -144,8 +133,9 @@ class IndexedWriter:
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
         self.prefix = prefix
-        self._made_dirs = _missing_dirs(os.path.dirname(os.path.abspath(prefix)))
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(prefix))
+        self._existed = existing_ancestor(folder)  # what abort() leaves standing
+        os.makedirs(folder, exist_ok=True)
         self.dtype = DType.optimal_dtype(vocab_size)
         self._tmp_bin, self._tmp_idx = f"{prefix}.bin.tmp", f"{prefix}.idx.tmp"
         self._builder = IndexedDatasetBuilder(self._tmp_bin, dtype=self.dtype)
@@ -179,8 +169,10 @@ class IndexedWriter:
         for path in (self._tmp_bin, self._tmp_idx):
             if os.path.exists(path):
                 os.remove(path)
-        for folder in self._made_dirs:  # a failed run leaves the tree as it found it
+        folder = os.path.dirname(os.path.abspath(self.prefix))
+        while folder != self._existed:  # a failed run leaves the tree as it found it
             try:
                 os.rmdir(folder)
             except OSError:  # not empty: something else wrote there meanwhile
                 break
+            folder = os.path.dirname(folder)

@@ -15,6 +15,7 @@ from typing import Optional
 
 from cola_megatron.cli import ArgumentParser, run_command
 from cola_megatron.errors import DataError
+from cola_megatron.filesystem import existing_ancestor
 from cola_megatron.data.indexed import bin_path, idx_path, meta_path
 from cola_megatron.data.sources import SAMPLE_BY, check_sources, iter_text_batches, resolve_inputs
 
@@ -25,9 +26,7 @@ def _log(message: str) -> None:
 
 def _writable_parent(path: str, flag: str) -> None:
     """The directory ``path`` goes into exists and is writable, or can be created."""
-    probe = os.path.dirname(os.path.abspath(path))
-    while not os.path.lexists(probe):
-        probe = os.path.dirname(probe)
+    probe = existing_ancestor(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(probe):
         raise DataError(f"{flag} {path}: {probe} is a file, not a directory; choose another path")
     if not os.access(probe, os.W_OK | os.X_OK):

@@ -25,6 +25,7 @@ from typing import List, Optional
 
 from cola_megatron.config import Config
 from cola_megatron.errors import ConfigError, DataError
+from cola_megatron.filesystem import existing_ancestor
 
 # The most memory one accelerator has (NVIDIA B300, AMD MI355X: 288 GB). A micro-batch whose activations alone
 # exceed it cannot run at that layout on any hardware.
@@ -43,21 +44,11 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _existing_ancestor(path: str) -> str:
-    probe = path
-    while not os.path.lexists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    return probe
-
-
 def check_output_dir(path: str, key: str, what: str = "") -> None:
     """``path`` is a writable directory, or one that can be created (its nearest existing ancestor is a
     writable directory). ``what`` says what goes there, for the message."""
     path = os.path.abspath(path)
-    probe = _existing_ancestor(path)
+    probe = existing_ancestor(path)
     label = f"{key}={path}" + (f" ({what})" if what else "")
     if not os.path.isdir(probe):
         raise ConfigError(f"{label}: {probe} is a file, not a directory, so it cannot hold or create the "
@@ -88,7 +79,7 @@ def free_space_warning(cfg: Config) -> Optional[str]:
     if not save_dir:
         return None
     need = checkpoint_bytes(cfg) * _checkpoints_kept(cfg)
-    free = shutil.disk_usage(_existing_ancestor(os.path.abspath(save_dir))).free
+    free = shutil.disk_usage(existing_ancestor(os.path.abspath(save_dir))).free
     if free >= need:
         return None
     return (f"checkpoint.save_dir={save_dir}: {free / 1e9:.3g} GB free, but the {_checkpoints_kept(cfg)} "
