@@ -8,6 +8,7 @@ whole global batch (``calculate_per_token_loss``), so every layout computes the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -24,7 +25,7 @@ from cola_megatron.compat.megatron import step_if_finite
 from cola_megatron.config import Config
 from cola_megatron.errors import TrainingStopped
 from cola_megatron.training.batches import MicroBatches
-from cola_megatron.training.checkpoint import CheckpointManager, ResumePoint
+from cola_megatron.training.checkpoint import CheckpointManager, ResumePoint, schedule_differences
 from cola_megatron.training import metrics
 from cola_megatron.training.metrics import MetricsSink, format_train_line, peak_memory_gib, peak_tflops, throughput
 from cola_megatron.training.stop import early_signal
@@ -409,10 +410,12 @@ class Trainer:
 
     def _nothing_left(self) -> None:
         t = self.cfg.train
-        more = f"train.train_iters={max(2 * t.train_iters, self.state.iteration + t.train_iters)}"
-        if self.cfg.optimizer.decay_iters is None:
-            # The decay length follows train_iters: a longer run must say whose schedule it continues, or the resume
-            # is refused (checkpoint.scheduler_from=config would instead stretch the cosine to the new length).
+        iters = max(2 * t.train_iters, self.state.iteration + t.train_iters)
+        more = f"train.train_iters={iters}"
+        longer = dataclasses.replace(self.cfg, train=dataclasses.replace(t, train_iters=iters))
+        if schedule_differences(self.cfg, longer):
+            # The resume would be refused for the schedule a longer run changes (a decay length that follows
+            # train_iters): keep the finished one; checkpoint.scheduler_from=config would stretch it instead.
             more += " checkpoint.scheduler_from=checkpoint"
         self.sink.message(
             f"cola-train: nothing left to train: the run is at iteration {self.state.iteration} and "

@@ -9,6 +9,7 @@ from cola_megatron.training.checkpoint.manager import (
     check_same_model,
     model_mismatches,
     plan_resume,
+    schedule_differences,
 )
 from cola_megatron.training.checkpoint.manifest import MANIFEST_FILE, verify_checkpoint
 from cola_megatron.training.checkpoint.paths import (
@@ -30,5 +31,5 @@ __all__ = [
     "CONFIG_FILE", "FORMAT_VERSION", "LATEST_FILE", "MANIFEST_FILE", "CheckpointError", "CheckpointManager", "ResumePoint", "check_same_model",
     "checkpoint_iteration", "checkpoint_name", "complete_checkpoints", "is_complete_checkpoint",
     "latest_checkpoint", "load_model_weights", "model_mismatches", "model_sharded_state_dict", "plan_resume",
-    "read_checkpoint_config", "resolve_checkpoint", "verify_checkpoint", "write_config", "write_latest",
+    "read_checkpoint_config", "resolve_checkpoint", "schedule_differences", "verify_checkpoint", "write_config", "write_latest",
 ]
