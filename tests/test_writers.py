@@ -11,14 +11,13 @@ import time
 import pytest
 
 CHILD = textwrap.dedent("""
-    import os, signal, sys, time
+    import multiprocessing, sys, time
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from cola_megatron.training.checkpoint import writers
 
     writers.install()
     queue = filesystem_async._results_queue
-    import multiprocessing
-    (manager,) = [p for p in multiprocessing.active_children()]
+    (manager,) = multiprocessing.active_children()
     print(manager.pid, flush=True)
     sys.stdin.readline()  # the test has sent SIGTERM to the manager
     queue.put("saved")
