@@ -59,3 +59,30 @@ def same_function_mismatch(got: torch.Tensor, want: torch.Tensor, tolerance: flo
 def assert_same_function(got: torch.Tensor, want: torch.Tensor, tolerance: float = FLOAT64_TOLERANCE, name=""):
     mismatch = same_function_mismatch(got, want, tolerance)
     assert mismatch is None, f"{name}: {mismatch}"
+
+
+# Loss histories of a few fp32 training steps computed two ways (TP/PP/DP layouts, recomputation, torch.compile, a
+# checkpoint resumed at another layout). These run the whole trainer (megatron's DDP, optimizer and schedules),
+# which has no float64 mode, so the bound is derived from fp32 rounding instead: one step's loss and gradients
+# differ between the two ways by the rounding of their reductions, about 1e-7 relative (a few ulps of 2^-24); the
+# optimizer carries that into the next steps' weights, and each further step of at most lr 3e-3 over these small
+# models adds about as much again. Over the at most eight steps compared the histories stay within about 1e-6
+# relative; 1e-5 is ten times that. A real difference between the two ways (a dropped or misplaced shard, a wrong
+# gradient scale or activation) changes the first step's gradients by 1e-3 or more and the second loss by far more
+# than 1e-5.
+TRAJECTORY_RTOL = 1e-5
+
+
+def trajectory_mismatch(got, want, rtol: float = TRAJECTORY_RTOL):
+    """None when two loss histories agree within ``rtol`` at every step, else the worst step."""
+    if len(got) != len(want):
+        return f"{len(got)} losses != {len(want)}"
+    worst = max(((abs(g - w) / abs(w), i) for i, (g, w) in enumerate(zip(got, want))), default=(0.0, None))
+    if worst[0] <= rtol:
+        return None
+    return f"step {worst[1]}: relative difference {worst[0]:.2e} > {rtol:g} ({got} vs {want})"
+
+
+def assert_same_trajectory(got, want, rtol: float = TRAJECTORY_RTOL, what: str = ""):
+    mismatch = trajectory_mismatch(got, want, rtol)
+    assert mismatch is None, f"{what}: {mismatch}"

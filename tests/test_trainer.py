@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from tests.distributed import run_distributed
+from tests.numerics import assert_same_trajectory
 
 ITERS = 5
 
@@ -101,16 +102,16 @@ def test_losses_match_single_process(layout_losses, arch, layout):
     got = layout_losses[f"{arch}/{layout}"]
     assert len(ref) == ITERS and all(math.isfinite(x) for x in ref)
     assert ref[-1] < ref[0], f"the reference run did not learn: {ref}"
-    assert got == pytest.approx(ref, rel=1e-5), f"{arch} {layout}: {got} != {ref}"
+    assert_same_trajectory(got, ref, what=f"{arch} {layout}")
 
 
 def test_distributed_optimizer_matches_plain_dp(layout_losses):
     for arch in ("cola", "dense"):
-        assert layout_losses[f"{arch}/DP2-distopt"] == pytest.approx(layout_losses[f"{arch}/DP2"], rel=1e-5)
+        assert_same_trajectory(layout_losses[f"{arch}/DP2-distopt"], layout_losses[f"{arch}/DP2"], what=arch)
 
 
 def test_gradient_accumulation_matches_one_big_micro_batch(layout_losses):
-    assert layout_losses["cola/TP1-micro8"] == pytest.approx(layout_losses["cola/TP1"], rel=1e-5)
+    assert_same_trajectory(layout_losses["cola/TP1-micro8"], layout_losses["cola/TP1"])
 
 
 @pytest.fixture(scope="module")
