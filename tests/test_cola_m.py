@@ -1,8 +1,8 @@
 """CoLA-M (model.recompute=cola_m): the same gradients as no recomputation at every layout (one step in float64,
 so that rounding cannot decide), the same checkpoint keys, and at most 2·d + 7·r stored elements per token and layer.
 
-All multi-process cases run inside one launch of two gloo processes (start-up dominates on a small CPU); each
-test checks its part of the results.
+The multi-process cases run inside one launch of two gloo processes (start-up dominates on a small CPU), the
+torch.compile case in a second one; each test checks its part of the results.
 """
 
 from __future__ import annotations
@@ -272,7 +272,6 @@ def _all_cases():
                       pipeline=lambda: _guarded(_pipeline_case)),
         "memory": _guarded(_memory_case),
         "training": _guarded(_training_case),
-        "compile": _guarded(_compile_case),
         "dropout": _dropout_refused(),
     }
 
@@ -287,6 +286,13 @@ def results():
     return run_distributed(_all_cases, 2)
 
 
+@pytest.fixture(scope="module")
+def compiled():
+    """Its own launch: inductor's compile is the slowest case, and the numerics pass does not need it."""
+    return run_distributed(_guarded, 2, _compile_case)
+
+
+@pytest.mark.numerics
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"tp{l[0]}-sp{int(l[1])}-{l[2]}-only_lr_act{int(l[3])}")
 def test_gradients_equal_to_no_recompute(results, layout):
     for rank, result in enumerate(results):
@@ -296,6 +302,7 @@ def test_gradients_equal_to_no_recompute(results, layout):
         assert case["eval_equal"], f"rank {rank}: evaluation output differs"
 
 
+@pytest.mark.numerics
 def test_gradients_equal_with_pipeline_parallel_1f1b(results):
     for rank, result in enumerate(results):
         case = _case(result["pipeline"], rank)
@@ -324,6 +331,7 @@ def test_stored_activations_at_most_2d_plus_7r_per_token(results):
     assert memory["cola_m"] < memory["none"]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("layout", TRAINING_LAYOUTS)
 def test_training_losses_equal_to_no_recompute(results, layout):
     histories = _case(results[0]["training"], 0)
@@ -331,7 +339,7 @@ def test_training_losses_equal_to_no_recompute(results, layout):
     assert_same_trajectory(histories[(layout, "cola_m")], histories[(layout, "none")])
 
 
-def test_torch_compile_trains_as_eager_and_compiles_the_layer(results):
+def test_torch_compile_trains_as_eager_and_compiles_the_layer(compiled):
     """train.torch_compile=true with CoLA-M: eager's losses, and dynamo really compiled the layer's math.
 
     Dynamo cannot trace the backward's torch.autograd.grad, so it does not capture _CoLAMLayer as one
@@ -343,8 +351,8 @@ def test_torch_compile_trains_as_eager_and_compiles_the_layer(results):
 
     code = _CoLAMLayer.forward.__code__
     lines = {line for _, _, line in code.co_lines() if line is not None} | {code.co_firstlineno}
-    for rank, result in enumerate(results):
-        case = _case(result["compile"], rank)
+    for rank, case in enumerate(compiled):
+        case = _case(case, rank)
         eager, compiled = case["histories"][False], case["histories"][True]
         assert len(eager) == 3
         assert_same_trajectory(compiled, eager)

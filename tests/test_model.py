@@ -60,6 +60,7 @@ def projection_results():
     return run_distributed(_projection_checks, 1)[0]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("slot", ["qkv", "proj", "fc1", "fc2"])
 def test_projection_equals_hand_computation(projection_results, slot):
     mismatch, bias, _, _ = projection_results[slot]
@@ -143,6 +144,7 @@ def _mlp_activation():
     return out
 
 
+@pytest.mark.numerics
 def test_only_lr_act_mlp_matches_paper():
     errors = run_distributed(_mlp_activation, 1)[0]
     assert errors == {True: None, False: None}, errors
@@ -167,6 +169,7 @@ def _attention_kernels():
     return same_function_mismatch(sdpa(q, k, v, None), ref(q, k, v, None))
 
 
+@pytest.mark.numerics
 def test_sdpa_matches_megatron_dot_product_attention():
     mismatch = run_distributed(_attention_kernels, 1)[0]
     assert mismatch is None, mismatch

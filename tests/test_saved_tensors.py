@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from tests.distributed import run_distributed
 from tests.numerics import assert_same_function, float64_models, same_function_mismatch
 
+pytestmark = pytest.mark.numerics
+
 D, F_WIDTH, R, HEADS, S, B, LAYERS = 64, 160, 16, 4, 32, 2, 2
 SHAPE = dict(hidden_size=D, ffn_hidden_size=F_WIDTH, num_attention_heads=HEADS, rank=R, vocab_size=128,
              seq_length=S, num_layers=LAYERS, cola_init_std=0.3)  # a large init std, so differences show
