@@ -67,12 +67,12 @@ def _widths(cfg: Config) -> List[Tuple[str, int, str]]:
                "keep its shapes for parity)")
     out = [("model.ffn_hidden_size" + (f" (padded to {f})" if f != m.ffn_hidden_size else ""), f, ffn_fix)]
     if tp > 1:
-        out += [(f"model.ffn_hidden_size / tensor_parallel={tp}", f // tp, ffn_fix),
-                (f"model.hidden_size / tensor_parallel={tp}", m.hidden_size // tp,
+        out += [(f"model.ffn_hidden_size / {tp} (parallel.tensor_parallel)", f // tp, ffn_fix),
+                (f"model.hidden_size / {tp} (parallel.tensor_parallel)", m.hidden_size // tp,
                  "choose parallel.tensor_parallel so that hidden_size / TP is a multiple of 128")]
     if m.arch == "cola":
         out.append(("model.rank", m.rank, f"model.rank={_padded(m.rank)}"))
-    out.append((f"model.vocab_size / tensor_parallel={tp}" if tp > 1 else "model.vocab_size", m.vocab_size // tp,
+    out.append((f"model.vocab_size / {tp} (parallel.tensor_parallel)" if tp > 1 else "model.vocab_size", m.vocab_size // tp,
                 f"model.vocab_size={_padded_to(m.vocab_size, MULTIPLE * tp)} (a multiple of {MULTIPLE * tp}; the "
                 "tokenizer uses the first ids)"))
     return out
