@@ -30,7 +30,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from cola_megatron.cli import ArgumentParser, run_command
 from cola_megatron.config import Config, ConfigError, load_config, validate
@@ -38,11 +38,11 @@ from cola_megatron.cost.compute import (ComputeTime, embedding_seconds, gradient
                                         layer_seconds, optimizer_seconds)
 from cola_megatron.cost.kernels import KernelModel, load_kernel_model, shipped_model
 from cola_megatron.cost.layout import RECOMPUTE_MODES, Layout, apply_layout, layout_of
-from cola_megatron.cost.memory import (GIB, Memory, activation_bytes, in_flight_passes, layer_activations,
-                                       micro_batches_per_step, peak_memory, stage_memory, stage_parameters,
-                                       state_bytes_per_parameter)
+from cola_megatron.cost.memory import (GIB, Memory, activation_bytes, micro_batches_per_step, peak_memory,
+                                       stage_parameters, state_bytes_per_parameter)
+# The memory model's parts, as cola-plan's callers (the GPU check, the tests) name them.
+from cola_megatron.cost.memory import in_flight_passes, layer_activations, stage_memory  # noqa: F401
 from cola_megatron.cost.shapes import slow_shape_warnings
-from cola_megatron.models.accounting import layer_parameters
 from cola_megatron.resources import launch_template
 
 
