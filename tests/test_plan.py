@@ -8,7 +8,7 @@ Measured memory on a CPU (process RSS is dominated by libraries, so the test mea
   bytes of distinct storages autograd holds for backward, tracked with ``torch.autograd.graph.saved_tensors_hooks``
   (a packed tensor counts from packing until autograd releases it; parameters are excluded).
 
-The prediction uses ``device="cpu"`` (torch's composite RMSNorm on CPU saves fp32 copies; see plan._rms_norm).
+The prediction uses ``device="cpu"`` (torch's composite RMSNorm on CPU saves fp32 copies; see cost/memory.py, _rms_norm).
 """
 
 from __future__ import annotations
