@@ -115,3 +115,13 @@ def test_gemm_list_takes_kv_width_from_the_config():
                       ffn_hidden_size=2816)
     (qkv_mha, *rest_mha), (qkv_gqa, *rest_gqa) = layer_gemms(mha, 256), layer_gemms(gqa, 256)
     assert (qkv_mha.n, qkv_gqa.n) == (1024 + 2 * 1024, 1024 + 2 * 256) and rest_mha == rest_gqa
+
+
+def test_data_without_misaligned_rows_keep_the_h100_ratio(tmp_path):
+    aligned = tmp_path / "aligned.jsonl"
+    aligned.write_text("".join(json.dumps(r) + "\n" for r in _rows("gemm") if kernels.is_aligned(r["m"], r["k"], r["n"])))
+    model = kernels.load_kernel_model(str(aligned))
+    assert not model.misaligned_measured and "not measured" in model.describe()
+    assert model.gemm.aligned_tflops == pytest.approx(MODEL.gemm.aligned_tflops, rel=0.05)
+    assert model.gemm.misaligned_tflops / model.gemm.aligned_tflops == pytest.approx(
+        MODEL.gemm.misaligned_tflops / MODEL.gemm.aligned_tflops)
