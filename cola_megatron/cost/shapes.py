@@ -35,19 +35,22 @@ class SlowShape:
     ideal_seconds: float
     """The same FLOPs at the padded width's speed."""
     misaligned: bool
+    flops: float = 0.0
+    """FLOPs of those GEMMs."""
 
     @property
     def cost(self) -> float:
         return self.seconds / self.ideal_seconds - 1.0
 
     def message(self, kernels: KernelModel) -> str:
-        why = (f"not even a multiple of 8, which tensor-core GEMM kernels need: such GEMMs ran at about "
-               f"{kernels.gemm.misaligned_tflops:.0f} TFLOP/s against up to {kernels.gemm.aligned_tflops:.0f} "
-               f"aligned" if self.misaligned else f"computed in whole tiles as {self.padded}")
-        return (f"{self.key}={self.width} is not a multiple of {required_multiple(self.width)} ({why}): the "
-                f"GEMMs of this width take {self.seconds * 1e3:.3g} ms per layer and micro-batch where their FLOPs "
-                f"at width {self.padded} would take {self.ideal_seconds * 1e3:.3g} ms (+{self.cost:.0%}; predicted from "
-                f"{kernels.gpu} kernel data{'' if kernels.calibrated else ', uncalibrated'}). Fix: {self.fix}")
+        why = "nor of 8, which tensor-core GEMM kernels need" if self.misaligned else \
+            f"computed in whole tiles as {self.padded}"
+        return (f"{self.key}={self.width} is not a multiple of {required_multiple(self.width)} ({why}): its GEMMs "
+                f"are predicted to run at {self.flops / self.seconds / 1e12:.0f} TFLOP/s, "
+                f"{self.seconds * 1e3:.3g} ms per layer and micro-batch, where width {self.padded} would run them "
+                f"at {self.flops / self.ideal_seconds / 1e12:.0f} TFLOP/s, {self.ideal_seconds * 1e3:.3g} ms "
+                f"(+{self.cost:.0%}; {kernels.gpu} kernel data{'' if kernels.calibrated else ', uncalibrated'}). "
+                f"Fix: {self.fix}")
 
 
 def required_multiple(width: int) -> int:
@@ -82,15 +85,15 @@ def _padded_to(x: int, multiple: int) -> int:
     return int(math.ceil(x / multiple) * multiple)
 
 
-def _gemm_times(cfg: Config, kernels: KernelModel, width: int, padded: int) -> Tuple[float, float]:
-    """(seconds as configured, seconds of the same FLOPs at the padded width's speed) of the GEMMs of a layer and
-    the output layer that have the width as a dimension, forward and backward, per micro-batch."""
+def _gemm_times(cfg: Config, kernels: KernelModel, width: int, padded: int) -> Tuple[float, float, float]:
+    """(seconds as configured, seconds of the same FLOPs at the padded width's speed, FLOPs) of the GEMMs of a
+    layer and the output layer that have the width as a dimension, forward and backward, per micro-batch."""
     m, p = cfg.model, cfg.parallel
     tokens = cfg.train.micro_batch_size * m.seq_length
     scheme = p.cola_tp_scheme if m.arch == "cola" else "bottleneck"
     gemms = layer_gemms(m, tokens, p.tensor_parallel, p.sequence_parallel, scheme)
     gemms.append(output_layer_gemm(m, tokens, p.tensor_parallel))
-    now = ideal = 0.0
+    now = ideal = flops = 0.0
     launch = kernels.gemm.launch_us
     for g in gemms:
         for shape in ((g.m, g.k, g.n), (g.m, g.n, g.k), (g.n, g.m, g.k)):  # forward, input and weight gradients
@@ -99,9 +102,10 @@ def _gemm_times(cfg: Config, kernels: KernelModel, width: int, padded: int) -> T
             if wide == shape:
                 continue
             now += kernels.gemm_us(*shape)
+            flops += 2.0 * math.prod(shape)
             flops_ratio = math.prod(shape) / math.prod(wide)
             ideal += launch + (kernels.gemm_us(*wide) - launch) * flops_ratio
-    return now * 1e-6, ideal * 1e-6
+    return now * 1e-6, ideal * 1e-6, flops
 
 
 def slow_shapes(cfg: Config, kernels: Optional[KernelModel] = None) -> List[SlowShape]:
@@ -113,9 +117,9 @@ def slow_shapes(cfg: Config, kernels: Optional[KernelModel] = None) -> List[Slow
             continue
         seen.add(width)
         padded = _padded(width)
-        now, ideal = _gemm_times(cfg, kernels, width, padded)
+        now, ideal, flops = _gemm_times(cfg, kernels, width, padded)
         if ideal > 0 and now / ideal - 1 >= REPORT_FRACTION:
-            out.append(SlowShape(key, width, padded, fix, now, ideal, not is_aligned(width)))
+            out.append(SlowShape(key, width, padded, fix, now, ideal, not is_aligned(width), flops))
     return out
 
 
