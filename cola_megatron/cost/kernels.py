@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -67,7 +68,8 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def _features(m: int, k: int, n: int) -> Tuple[float, float]:
-    """(GEMM FLOPs, output-tile work 2·M·N) in units of TFLOP·µs^-1 scale (TFLOP/1e6), tiles rounded when aligned."""
+    """(FLOPs, output-tile work 2·M·N), both / 1e6 so that divided by TFLOP/s they give µs; aligned GEMMs count
+    M and N in whole tiles."""
     if is_aligned(m, k, n):
         m, n = _round_up(m, TILE), _round_up(n, TILE)
     return 2.0 * m * n * k / 1e6, 2.0 * m * n / 1e6
@@ -243,8 +245,6 @@ def _peak_from_env(env: Dict, default: float) -> float:
     """The dense bf16 peak the env row states ("... 989 dense bf16 TFLOP/s ..."), or ``default``."""
     if isinstance(env.get("peak_tflops"), (int, float)):
         return float(env["peak_tflops"])
-    import re
-
     found = re.search(r"([\d.]+)\s*dense bf16 TFLOP/s", str(env.get("gpu", "")))
     return float(found.group(1)) if found else default
 
