@@ -156,7 +156,8 @@ class KernelModel:
 def read_rows(path: str) -> List[Dict]:
     """The JSON objects of a kernel-data file; a bad file is one ConfigError naming it."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--kernel-data {path} does not exist. Fix: give a JSON-lines file of measured kernels "
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise ConfigError(f"--kernel-data {path} {what}. Fix: give a JSON-lines file of measured kernels "
                           "(docs/launching.md says how to make one)")
     rows = []
     with open(path) as f:
