@@ -193,7 +193,7 @@ def test_gpu_check_speed_memory_and_summary_on_cuda_have_numeric_peak_columns(tr
     ctx = _context(tmp_path, "speed_7b")  # tiny shapes; the device is the GPU
     monkeypatch.setattr(ctx, "device", lambda: initialize_distributed(seed=gpu_phases.SEED, device="cuda"))
     gpu_phases.speed(ctx)
-    gpu_phases.memory(_context(tmp_path, "memory"))
+    gpu_phases.memory(_context(tmp_path, "memory", cpu=False))  # cola-plan's GPU model; no device needed
     records = _records(tmp_path)
     dense_bytes, cola_bytes = trainers_allocate[1:]
     speed = {r["variant"]: r for r in records if r["kind"] == "speed"}
@@ -211,6 +211,48 @@ def test_gpu_check_speed_memory_and_summary_on_cuda_have_numeric_peak_columns(tr
     assert float(columns["throughput / dense"]) > 0
     (_, *rows) = _table_rows(summary, "Memory model (cola-plan) against measured peaks")
     assert [float(r[4]) for r in rows] == pytest.approx([dense_bytes / GIB, cola_bytes / GIB], abs=0.005)
+
+
+def test_profile_on_cuda_ranks_kernels_by_gpu_time(cuda, tmp_path, monkeypatch):
+    """The speed phases' profile on a GPU: CUDA activity asked for, kernels (device type CUDA) ranked by their self
+    device time. This CPU build of torch traces no kernels, so the profile's events are a GPU's, faked."""
+    from torch import profiler as torch_profiler
+
+    kernels = [types.SimpleNamespace(key=k, count=c, self_device_time_total=t, self_cpu_time_total=1e9,
+                                     device_type="DeviceType.CUDA")
+               for k, c, t in (("ampere_bf16_gemm", 12, 3000.0), ("flash_fwd_kernel", 4, 1000.0))]
+    host_op = types.SimpleNamespace(key="aten::mm", count=12, self_device_time_total=0.0, self_cpu_time_total=5e6,
+                                    device_type="DeviceType.CPU")
+    asked = []
+
+    class Profile:
+        def __init__(self, activities, **kwargs):
+            asked.extend(activities)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return [host_op, kernels[1], kernels[0]]
+
+    monkeypatch.setattr(torch_profiler, "profile", Profile)
+    ctx = _context(tmp_path, "speed_1b")
+    cfg = bench.variant_config(gpu_phases._speed_base(ctx, "cola/llama_1b.yaml"), "cola", 2, 2, None, "fp32", None)
+    gpu_phases._profile(ctx, cfg, "cola", torch.device("cuda", 0))
+    (profile,) = [r for r in _records(tmp_path) if r["kind"] == "profile"]
+    assert torch_profiler.ProfilerActivity.CUDA in asked and profile["sorted_by"] == "self GPU time"
+    assert [(r["name"], r["calls"], r["ms"], r["share"]) for r in profile["rows"]] == [
+        ("ampere_bf16_gemm", 12, 3.0, 0.75), ("flash_fwd_kernel", 4, 1.0, 0.25)]
+
+
+def test_gpu_check_without_a_gpu_is_one_line_before_any_work(tmp_path, capsys):
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 2  # this machine has no CUDA device
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "gpu-check: error: no CUDA device is visible. Fix: run on a GPU machine, or pass --cpu for the CPU check"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_quality_phase_resets_the_peak_before_each_run(cuda, tmp_path, monkeypatch):
@@ -297,7 +339,8 @@ def _fake_gpu_env(tmp_path: Path) -> dict:
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text("import torch\ntorch.cuda.is_available = lambda: True\n")
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    path = [str(site), os.environ.get("PYTHONPATH", ""), str(REPO)]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
 
 
 def test_cpu_tool_completes_on_the_cpu_where_cuda_is_available(tmp_path):
@@ -444,10 +487,7 @@ def test_sdpa_backends_see_math_next_to_a_fused_kernel():
 
 
 def test_environment_phase_on_cuda_records_the_gpu_its_peak_and_the_attention_it_ran(cuda, tmp_path, monkeypatch):
-    from cola_megatron.training.distributed import initialize_distributed
-
-    ctx = _context(tmp_path, "environment", cpu=False, backend="inductor")
-    monkeypatch.setattr(ctx, "device", lambda: initialize_distributed(seed=gpu_phases.SEED, device="cuda"))
+    ctx = _context(tmp_path, "environment", cpu=False, backend="inductor")  # PhaseContext.device: CUDA
     monkeypatch.setattr(gpu_phases.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "gcc" else None)
     monkeypatch.delenv("CC", raising=False)
     gpu_phases.environment(ctx)
