@@ -165,7 +165,7 @@ def test_cola_bench_runs_end_to_end_on_cuda_with_numeric_peak_memory_and_ratios(
         assert r["mfu"] == pytest.approx(100 * r["tflops_per_gpu"] / 989.0)
     row = next(line for line in stdout.splitlines() if line.startswith("dense "))
     assert float(row.split()[-1]) == pytest.approx(dense_bytes / GIB, abs=0.005)
-    assert f"ratio dense/cola: throughput" in stdout
+    assert "ratio dense/cola: throughput" in stdout
     assert f"peak memory {dense_bytes / cola_bytes:.2f}x" in stdout
 
 
