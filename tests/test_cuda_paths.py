@@ -94,13 +94,22 @@ def _param_bytes(model_chunks) -> int:
     return sum(p.numel() * p.element_size() for chunk in model_chunks for p in chunk.parameters())
 
 
-@pytest.fixture
-def gloo():
-    """An in-process gloo group with the CPU bridge (as tests/test_model.py has it)."""
-    from cola_megatron.training.distributed import initialize_distributed
+def _own_rendezvous(monkeypatch):
+    """initialize_distributed sets MASTER_ADDR/MASTER_PORT when absent; they go with the test, so no later
+    subprocess inherits a port this process still listens on."""
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
 
+
+@pytest.fixture
+def gloo(monkeypatch):
+    """An in-process gloo group with the CPU bridge (as tests/test_model.py has it), destroyed afterwards."""
+    from cola_megatron.training.distributed import destroy_distributed, initialize_distributed
+
+    _own_rendezvous(monkeypatch)
     initialize_distributed(seed=1234, device="cpu")
     yield
+    destroy_distributed()
 
 
 @pytest.fixture
@@ -304,6 +313,7 @@ def test_cuda_work_gets_nccl_and_its_local_rank_and_no_cpu_bridge(monkeypatch):
     from cola_megatron.training import distributed
 
     calls = []
+    _own_rendezvous(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
@@ -588,6 +598,7 @@ def _grads(count: int, seed: int = 0):
     return [torch.randn(shapes[i % len(shapes)], generator=gen) * (i + 1) for i in range(count)]
 
 
+@pytest.mark.numerics
 def test_batched_grad_norm_equals_megatrons_with_one_host_sync(gloo, monkeypatch):
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads
