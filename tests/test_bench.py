@@ -39,8 +39,10 @@ def test_variants_are_the_models_they_claim(tiny_run):
     by = {r["variant"]: r for r in data["results"]}
     assert by["cola"]["params_m"] < by["dense"]["params_m"]
     # Same seed and data for every variant: recomputation must not change a single loss, the dense model must.
+    # Recomputation replays the same kernels (megatron's full recompute and CoLA-M alike): bit-identical at every
+    # CPU capability. Inductor generates its own kernels: within the fp32 trajectory bound.
     assert by["cola_full"]["losses"] == by["cola"]["losses"]
-    assert_same_trajectory(by["cola_m"]["losses"], by["cola"]["losses"], what="cola_m")
+    assert by["cola_m"]["losses"] == by["cola"]["losses"]
     assert_same_trajectory(by["cola_compile"]["losses"], by["cola"]["losses"], what="cola_compile")
     assert by["dense"]["losses"] != by["cola"]["losses"]
     assert len(by["cola"]["losses"]) == 3  # warm-up + timed steps
