@@ -190,8 +190,8 @@ def hf_config_fields(m: ModelConfig, special_ids: Optional[Mapping[str, Optional
         raise ConversionError(f"model.arch is {m.arch!r}: only CoLA models export to the 'cola' Hugging Face format")
     if reference_layout and is_grouped(m):
         raise ConversionError(f"model.num_query_groups={m.num_query_groups} (of {m.num_attention_heads} heads): "
-                              f"{REFERENCE_CANNOT_REPRESENT_GQA}; export without --reference-layout, whose shipped "
-                              "modeling code loads it")
+                              f"{REFERENCE_CANNOT_REPRESENT_GQA}. Fix: export without --reference-layout; the "
+                              "shipped modeling code loads it")
     ids = dict(special_ids or {})
     return dict(
         vocab_size=m.vocab_size,
@@ -287,8 +287,8 @@ def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, on
         if not is_export(raw):
             raise ConversionError(f"{source} is in the reference implementation's layout but claims grouped-query "
                                   f"attention (num_key_value_heads {kv_heads} of {heads} heads): "
-                                  f"{REFERENCE_CANNOT_REPRESENT_GQA}; only exports that ship this project's "
-                                  "modeling code (cola-convert to-hf) hold GQA CoLA models")
+                                  f"{REFERENCE_CANNOT_REPRESENT_GQA}. Fix: use an export of cola-convert "
+                                  "to-hf, whose shipped modeling code holds GQA CoLA models")
     if not dense and raw.get("tie_word_embeddings"):
         raise ConversionError(f"{source} ties the output layer to the embeddings; CoLA models have an untied lm_head")
     head_dim = raw.get("head_dim")
