@@ -240,6 +240,8 @@ def resume(*overrides: str, damage: Callable[[Path], None] = None, command: str 
             damage(work / "ckpt" / f"iter_{SAVED_ITERS:07d}" / "__0_0.distcp")
         if command == "to-hf":
             return ["cola-convert", "to-hf", "ckpt", "hf", "--no-tokenizer", *convert_args]
+        if command == "reshard":
+            return ["cola-convert", "reshard", "ckpt", "out", *convert_args]
         return ["cola-train", "--config", "run.yaml", f"train.train_iters={SAVED_ITERS + 2}", *overrides]
     return setup
 
@@ -445,6 +447,10 @@ CASES = [
     Case("to-hf-reference-layout-of-gqa",
          resume(damage=claim_query_groups, command="to-hf", convert_args=("--reference-layout",)), 2,
          r"num_query_groups=2 .*reference implementation cannot represent grouped-query attention", checkpoint=True),
+    Case("reshard-tp-beyond-query-groups",
+         resume(damage=claim_query_groups, command="reshard", convert_args=("--tp", "4")), 2,
+         r"cannot be laid out at TP=4 PP=1: model\.num_query_groups: 2 is not divisible by parallel\.tensor_parallel=4",
+         checkpoint=True),
     Case("from-hf-reference-layout-claiming-gqa", reference_dir_claiming_gqa, 2,
          r"reference implementation's layout but claims grouped-query attention .*cannot represent"),
 ]
