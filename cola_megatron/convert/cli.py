@@ -9,7 +9,8 @@ CKPT is a run's ``checkpoint.save_dir`` (its ``latest`` is followed) or one ``it
 outputs are ``OUT/iter_NNNNNNN`` plus ``OUT/latest`` and load at any layout. ``reshard`` keeps a run's whole training
 state; ``from-hf`` and ``from-dense`` write weights only, which a run continues from with
 ``checkpoint.load_dir=OUT checkpoint.load_optimizer=false``. Exports load with
-``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` (and ``AutoTokenizer`` likewise).
+``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` (and ``AutoTokenizer`` likewise);
+``to-hf --reference-layout`` writes for the reference implementation's own code instead (multi-head models only).
 Bad input fails before heavy work with exit code 2 and one message naming the fix.
 """
 
