@@ -18,8 +18,9 @@ Weights replicated across TP that only see this rank's tokens (SP) carry ``seque
 ``finalize_model_grads`` sums their gradients over TP, exactly as for sequence-parallel norm weights.
 
 Slot contracts (megatron-core 0.16/0.19): qkv/fc1 return this rank's output shard (qkv per query group as
-``[q heads of the group, k_g, v_g]``, i.e. ``[q_h k_h v_h]`` per head under multi-head attention; fc1 as ``[gate_shard ; up_shard]``); proj/fc2 take this rank's shard and return the full hidden
-state reduced over TP (sequence-sharded under SP). Each returns ``(output, None)``: no bias.
+``[q heads of the group, k_g, v_g]``, i.e. ``[q_h k_h v_h]`` per head under multi-head attention; fc1 as
+``[gate_shard ; up_shard]``); proj/fc2 take this rank's shard and return the full hidden state reduced over TP
+(sequence-sharded under SP). Each returns ``(output, None)``: no bias.
 """
 
 from __future__ import annotations
@@ -121,22 +122,27 @@ class _CoLASlot(MegatronModule):
                 raise ValueError(f"{type(self).__name__}: {what}={size} is not divisible by tensor parallel size {tp}")
             return size // tp
 
-        # A: (shape, TP axis); each B stack: its output width → (shape, TP axis). Axis None = replicated.
+        # A: (shape, TP axis); a stack of ``count`` B's of output width ``width``: (shape, TP axis). None = replicated.
         if self.column_type and scheme == "bottleneck":
             a_shape, a_axis = (n, r, input_size), None
-            b_layout = lambda count, width: ((count, sharded(width, "output size"), r), 1)  # noqa: E731
         elif scheme == "pair":
             a_shape, a_axis = (n, sharded(r, "rank"), input_size), 1
-            b_layout = lambda count, width: ((count, width, sharded(r, "rank")), 2)  # noqa: E731
         else:  # row-type bottleneck
             a_shape, a_axis = (n, r, sharded(input_size, "input size")), 2
-            b_layout = lambda count, width: ((count, width, r), None)  # noqa: E731
+
+        def b_layout(count: int, width: int):
+            if self.column_type and scheme == "bottleneck":
+                return (count, sharded(width, "output size"), r), 1
+            if scheme == "pair":
+                return (count, width, sharded(r, "rank")), 2
+            return (count, width, r), None
         # The paper's init per projection, with its own d_out (k and v are narrower under GQA).
         stds = [config.cola_init_std or cola_init_std(r, input_size, width) for width in self.branch_sizes]
         self.a_weight = self._make_weight(a_shape, a_axis, stds[0] if len(set(stds)) == 1 else tuple(stds))
         self._tp_axis_map = {"a_weight": a_axis} if a_axis is not None else {}
         self._b_names = []
-        for name, (start, count) in zip(self.B_NAMES, _equal_runs(self.branch_sizes)):
+        runs = _equal_runs(self.branch_sizes)
+        for name, (start, count) in zip(self.B_NAMES[:len(runs)], runs, strict=True):
             shape, axis = b_layout(count, self.branch_sizes[start])
             setattr(self, name, self._make_weight(shape, axis, stds[start]))
             self._b_names.append(name)
