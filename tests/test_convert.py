@@ -681,3 +681,35 @@ def test_tool_script_reports_errors(tmp_path):
                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_reference_layout_export_ships_no_code_and_refuses_gqa(tmp_path):
+    """``to-hf --reference-layout``: the same tensors and config for the reference's own code, without auto_map or
+    shipped modeling files; read back as a reference directory. A GQA model is refused by what the reference
+    cannot represent, and so is a reference-layout directory claiming GQA, while an export claiming it is read."""
+    from cola_megatron.config import ModelConfig
+    from cola_megatron.convert import ConversionError, hf_io, names
+    from cola_megatron.hf.configuration_cola import ColaConfig
+    from cola_megatron.hf.modeling_cola import ColaForCausalLM
+
+    mha = ModelConfig(hidden_size=32, ffn_hidden_size=48, num_layers=1, num_attention_heads=2, rank=8, vocab_size=64)
+    fields = names.hf_config_fields(mha, reference_layout=True)
+    hf_io.write_export(str(tmp_path / "ref"), ColaForCausalLM(ColaConfig(**fields)).state_dict(), fields,
+                       ship_code=False)
+    raw = json.loads((tmp_path / "ref" / "config.json").read_text())
+    assert "auto_map" not in raw and not names.is_export(raw)
+    assert not {"configuration_cola.py", "modeling_cola.py"} & set(os.listdir(tmp_path / "ref"))
+    _, state, layout = hf_io.read_cola_checkpoint(str(tmp_path / "ref"))
+    assert layout == "CoLA" and state["model.layers.0.self_attn.k_proj.cola_b"].shape == (8, 32)
+
+    gqa = ModelConfig(hidden_size=32, ffn_hidden_size=48, num_layers=1, num_attention_heads=2, num_query_groups=1,
+                      rank=8, vocab_size=64)
+    with pytest.raises(ConversionError, match="reference implementation cannot represent grouped-query attention"):
+        names.hf_config_fields(gqa, reference_layout=True)
+    exported = names.hf_config_fields(gqa)
+    assert exported["num_key_value_heads"] == 1
+    claimed = dict(raw, num_key_value_heads=1)
+    with pytest.raises(ConversionError, match="reference implementation's layout but claims grouped-query"):
+        names.model_section_from_hf(claimed)
+    claimed["auto_map"] = ColaConfig(**exported).auto_map
+    assert names.model_section_from_hf(claimed)["num_query_groups"] == 1
