@@ -91,7 +91,8 @@ def _cycle(graph):
 def test_the_package_is_split_by_concern():
     top = sorted(p.name for p in PACKAGE.iterdir() if not p.name.startswith((".", "__")))
     folders = [n for n in top if (PACKAGE / n).is_dir()]
-    assert folders == ["analysis", "compat", "configs", "convert", "data", "hf", "launch", "models", "training"]
+    assert folders == ["analysis", "compat", "configs", "convert", "cost", "data", "hf", "launch", "models",
+                       "training"]
     assert [n for n in top if n.endswith(".py")] == ["cli.py", "config.py", "errors.py", "faults.py",
                                                       "filesystem.py", "resources.py", "train.py"]
 
@@ -104,6 +105,16 @@ def test_no_import_cycles(top_level_only):
 def test_the_cycle_finder_finds_cycles():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_training_side_never_imports_the_analysis_side():
+    """training/ (and the entry point cola-train) run on the cluster: what they need of the planner (memory model,
+    slow-shape warnings) lives in cost/, which imports nothing of analysis/ either."""
+    training = [m for m in MODULES if m.startswith(("cola_megatron.training", "cola_megatron.cost"))
+                or m == "cola_megatron.train"]
+    offenders = [f"{m} imports {t}" for m in training for t, _ in _imports(m, False)
+                 if t.startswith("cola_megatron.analysis")]
+    assert offenders == []
 
 
 def test_no_module_imports_private_names_of_another():

@@ -396,8 +396,10 @@ CASES = [
          2, r"--output-prefix locked/x: .*locked is not writable", unprivileged=True),
     # cola-plan: cluster figures and launch files (items 5, 8)
     Case("plan-network-gbs-zero", plan("--network-gbs", "0"), 2, r"argument --network-gbs: must be a finite number > 0"),
-    Case("plan-gemm-efficiency-zero", plan("--gemm-efficiency", "0"), 2,
-         r"argument --gemm-efficiency: must be a finite number > 0 and <= 1"),
+    Case("plan-kernel-data-missing", plan("--kernel-data", "absent.jsonl"), 2, r"--kernel-data absent\.jsonl does not exist"),
+    Case("plan-kernel-data-too-few-gemms", plan("--kernel-data", "k.jsonl", files={
+        "k.jsonl": b'{"probe": "gemm", "m": 1024, "k": 1024, "n": 1024, "us": 5.0}\n'}), 2,
+         r"k\.jsonl: 1 gemm rows with aligned shapes .*Fix: measure more GEMMs"),
     Case("plan-gpu-memory-negative", plan("--gpu-memory-gib", "-80"), 2, r"argument --gpu-memory-gib: must be"),
     Case("plan-gpu-memory-nan", plan("--gpu-memory-gib", "nan"), 2, r"argument --gpu-memory-gib: .*got nan"),
     Case("plan-nvlink-inf", plan("--nvlink-gbs", "inf"), 2, r"argument --nvlink-gbs: .*got inf"),

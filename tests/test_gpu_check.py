@@ -76,6 +76,7 @@ def test_speed_runs_every_variant_side_by_side_and_memory_predicts_each(cpu_run)
         assert [r["variant"] for r in rows] == variants
         for r in rows:
             assert r["tokens_per_s"] > 0 and r["tflops_per_gpu"] > 0 and r["config"]["model"]["arch"] in r["variant"]
+            assert r["predicted_step_ms"] > 0  # cola-plan's step time beside the measured one
     assert _kind(records, "speed", "speed_7b")[0]["config"]["model"]["num_layers"] == 4
     (profile,) = _kind(records, "profile")
     assert profile["variant"] == "cola" and len(profile["rows"]) > 5 and profile["rows"][0]["ms"] > 0
@@ -187,6 +188,20 @@ def test_targets_and_exit_status_follow_the_records():
     assert gpu_check.exit_status(ok + [{"kind": "check", "status": "failed"}]) == 1
     assert gpu_check.exit_status(ok + [{"kind": "check", "status": "skipped"}]) == 0
     assert gpu_check.exit_status(ok + [{"kind": "phase", "status": "timeout"}]) == 1
+
+
+def test_speed_rows_carry_the_planned_step_time_and_the_summary_its_ratio():
+    from cola_megatron.analysis import bench, gpu_phases
+    from cola_megatron.config import load_config
+
+    base = load_config("configs/cola/llama_1b.yaml", ["data.mock=true", "data.tokenizer=null"])
+    cfg = bench.variant_config(base, "dense", 32, 13, None, "bf16", None)  # speed_1b's dense run
+    predicted = gpu_phases.predicted_step(cfg)
+    assert predicted["predicted_step_ms"] == pytest.approx(sum(predicted["predicted_breakdown_ms"].values()))
+    row = {"phase": "speed_1b", "kind": "speed", "variant": "dense", "params_m": 1339.1, "tokens_per_s": 1.0,
+           "tflops_per_gpu": 1.0, "step_ms": 2 * predicted["predicted_step_ms"], **predicted}
+    summary = gpu_check.format_summary([row], "tools/gpu_check.py")
+    assert "| measured / predicted |" in summary and f"| {predicted['predicted_step_ms']:.1f} | 2.00 |" in summary
 
 
 def test_bad_input_is_one_line_before_any_work(tmp_path, capsys):

@@ -8,7 +8,7 @@ Measured memory on a CPU (process RSS is dominated by libraries, so the test mea
   bytes of distinct storages autograd holds for backward, tracked with ``torch.autograd.graph.saved_tensors_hooks``
   (a packed tensor counts from packing until autograd releases it; parameters are excluded).
 
-The prediction uses ``device="cpu"`` (torch's composite RMSNorm on CPU saves fp32 copies; see plan._rms_norm).
+The prediction uses ``device="cpu"`` (torch's composite RMSNorm on CPU saves fp32 copies; see cost/memory.py, _rms_norm).
 """
 
 from __future__ import annotations
@@ -369,3 +369,62 @@ def test_tools_wrapper_runs():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "best:" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step time from measured kernels: the breakdown, recalibration, and what changes it
+
+
+def test_explain_and_json_break_the_step_down(capsys):
+    args = ["--config", "configs/dense/llama_1b.yaml", "--nodes", "1", "--gpus-per-node", "1", "--evaluate",
+            "train.micro_batch_size=32"]
+    assert plan.main([*args, "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    parts = row["step_breakdown_s"]
+    assert {"gemm_qkv", "gemm_proj", "gemm_fc1", "gemm_fc2", "gemm_output", "attention", "elementwise", "optimizer",
+            "tensor_parallel", "pipeline", "data_parallel_exposed", "bubble"} == set(parts)
+    assert sum(parts.values()) == pytest.approx(row["step_s"], rel=1e-9) and row["step_calibrated"]
+    # The paper's 5461-wide MLP GEMMs dominate the dense 1B step (the H100 data: about 140 TFLOP/s).
+    assert parts["gemm_fc1"] + parts["gemm_fc2"] > 0.6 * row["step_s"]
+    assert plan.main([*args, "--explain"]) == 0
+    captured = capsys.readouterr()
+    assert "step time of TP1 PP1 DP1 none mb32" in captured.out and "GEMMs fc1" in captured.out
+    assert "pipeline bubble" in captured.out and "optimizer step" in captured.out
+    assert "warning: model.ffn_hidden_size=5461" in captured.err
+
+
+def _step(cfg, layout, cluster=None):
+    return plan.estimate(cfg, layout, cluster or plan.Cluster(nodes=1, gpus_per_node=1)).step_s
+
+
+def test_padding_the_1b_ffn_and_pure_bf16_shorten_the_step():
+    layout = plan.Layout(1, 1, 1, None, False, "none", 32, False)
+    paper = load_config("configs/dense/llama_1b.yaml")
+    padded = load_config("configs/dense/llama_1b.yaml", ["model.ffn_multiple_of=128"])
+    assert _step(padded, layout) < 0.5 * _step(paper, layout)  # more FLOPs, but on the fast kernels
+    pure = load_config("configs/cola/llama_1b.yaml", ["train.pure_bf16=true"])
+    mixed = load_config("configs/cola/llama_1b.yaml")
+    assert plan.estimate(pure, layout, plan.Cluster()).optimizer_s < plan.estimate(mixed, layout,
+                                                                                    plan.Cluster()).optimizer_s
+
+
+def test_kernel_data_recalibrates_and_another_gpu_is_uncalibrated(tmp_path, capsys):
+    """Halving every measured GEMM time (a GPU twice as fast at GEMMs) shortens the predicted GEMM time by half
+    less the launch cost; a peak the data do not describe marks the estimate uncalibrated."""
+    from cola_megatron.cost import kernels
+
+    rows = [json.loads(line) for line in open(kernels.shipped_kernel_data())]
+    faster = tmp_path / "faster.jsonl"
+    faster.write_text("".join(json.dumps({**r, "us": r["us"] / 2} if r["probe"] == "gemm" else r) + "\n"
+                              for r in rows))
+    cfg, layout = load_config("configs/cola/llama_1b.yaml"), plan.Layout(1, 1, 1, None, False, "none", 32, False)
+    base = plan.estimate(cfg, layout, plan.Cluster(nodes=1, gpus_per_node=1))
+    fast = plan.estimate(cfg, layout, plan.Cluster(nodes=1, gpus_per_node=1, kernel_data=str(faster)))
+    gemm = lambda e: sum(v for k, v in e.breakdown().items() if k.startswith("gemm_"))  # noqa: E731
+    assert 0.45 < gemm(fast) / gemm(base) < 0.55 and fast.calibrated
+    assert fast.memory.total == base.memory.total
+    args = ["--config", "configs/demo.yaml", "--nodes", "1", "--gpus-per-node", "1", "--top", "1"]
+    assert plan.main([*args, "--gpu-tflops", "2250"]) == 0
+    assert "step times are uncalibrated" in capsys.readouterr().err
+    assert plan.main(args) == 0
+    assert "uncalibrated" not in capsys.readouterr().err

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from tests.distributed import run_distributed
+from tests.numerics import assert_same_trajectory
 
 ITERS = 5
 
@@ -110,7 +111,7 @@ def test_losses_match_single_process(layout_losses, arch, layout):
     got = layout_losses[f"{arch}/{layout}"]
     assert len(ref) == ITERS and all(math.isfinite(x) for x in ref)
     assert ref[-1] < ref[0], f"the reference run did not learn: {ref}"
-    assert got == pytest.approx(ref, rel=1e-5), f"{arch} {layout}: {got} != {ref}"
+    assert_same_trajectory(got, ref, what=f"{arch} {layout}")
 
 
 @pytest.mark.parametrize("layout", [n for n, _ in GQA_LAYOUTS_WORLD_2] + ["TP2-PP2"])
@@ -118,16 +119,16 @@ def test_grouped_query_attention_losses_match_single_process(layout_losses, layo
     ref, got = layout_losses["cola-gqa/TP1"], layout_losses[f"cola-gqa/{layout}"]
     assert ref[-1] < ref[0], f"the reference run did not learn: {ref}"
     assert ref != layout_losses["cola/TP1"], "grouped-query attention must change the model"
-    assert got == pytest.approx(ref, rel=1e-5), f"cola-gqa {layout}: {got} != {ref}"
+    assert_same_trajectory(got, ref, what=f"cola-gqa {layout}")
 
 
 def test_distributed_optimizer_matches_plain_dp(layout_losses):
     for arch in ("cola", "dense"):
-        assert layout_losses[f"{arch}/DP2-distopt"] == pytest.approx(layout_losses[f"{arch}/DP2"], rel=1e-5)
+        assert_same_trajectory(layout_losses[f"{arch}/DP2-distopt"], layout_losses[f"{arch}/DP2"], what=arch)
 
 
 def test_gradient_accumulation_matches_one_big_micro_batch(layout_losses):
-    assert layout_losses["cola/TP1-micro8"] == pytest.approx(layout_losses["cola/TP1"], rel=1e-5)
+    assert_same_trajectory(layout_losses["cola/TP1-micro8"], layout_losses["cola/TP1"])
 
 
 @pytest.fixture(scope="module")

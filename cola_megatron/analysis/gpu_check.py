@@ -286,9 +286,12 @@ def format_summary(records: List[Dict], command: str) -> str:
         title = next((p.title for p in PHASES if p.name == phase), phase)
         lines += [f"## {title}", "", f"{base.get('shape', '')}", ""]
         lines += _table(
-            ["variant", "params", "step ms", "tokens/s", "TFLOP/s", "MFU %", "HFU %", "peak alloc GiB",
-             "peak reserved GiB", f"throughput / {base['variant']}", f"peak alloc / {base['variant']}"],
-            [[r["variant"], f"{r['params_m']:.1f}M", _fmt(r["step_ms"], ".1f"), _fmt(r["tokens_per_s"], ",.0f"),
+            ["variant", "params", "step ms", "predicted ms", "measured / predicted", "tokens/s", "TFLOP/s", "MFU %",
+             "HFU %", "peak alloc GiB", "peak reserved GiB", f"throughput / {base['variant']}",
+             f"peak alloc / {base['variant']}"],
+            [[r["variant"], f"{r['params_m']:.1f}M", _fmt(r["step_ms"], ".1f"),
+              _fmt(r.get("predicted_step_ms"), ".1f") + ("" if r.get("predicted_calibrated", True) else " (uncal.)"),
+              _fmt(_ratio(r["step_ms"], r.get("predicted_step_ms"))), _fmt(r["tokens_per_s"], ",.0f"),
               _fmt(r["tflops_per_gpu"], ".1f"), _fmt(r.get("mfu"), ".1f"), _fmt(r.get("hfu"), ".1f"),
               _fmt(r.get("peak_mem_gib")), _fmt(r.get("peak_reserved_gib")),
               _fmt(_ratio(r["tokens_per_s"], base["tokens_per_s"])),

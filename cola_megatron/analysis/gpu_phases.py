@@ -260,6 +260,14 @@ def _bench(cfg: Config, name: str, device: torch.device, warmup: int, steps: int
     return result, row
 
 
+def predicted_step(cfg: Config) -> Dict:
+    """cola-plan's step time for this one-GPU run (the shipped kernel data, scaled when this GPU's peak differs)."""
+    cluster = plan.Cluster(nodes=1, gpus_per_node=1, gpu_tflops=metrics.peak_tflops(cfg.logging.peak_tflops) or 989.0)
+    e = plan.estimate(cfg, plan.layout_of(cfg, 1), cluster)
+    return {"predicted_step_ms": e.step_s * 1e3, "predicted_calibrated": e.calibrated,
+            "predicted_breakdown_ms": {k: v * 1e3 for k, v in e.breakdown().items()}}
+
+
 def _shape_line(cfg: Config, micro_batch: int) -> str:
     m = cfg.model
     return (f"d={m.hidden_size} ffn={m.padded_ffn_hidden_size} r={m.rank} layers={m.num_layers} "
@@ -468,6 +476,7 @@ def speed(ctx: PhaseContext) -> None:
                 ctx.note(f"{name}: not run, {ctx.time_left():.0f} s left in the box")
                 continue
             result, row = _bench(configs[name], name, device, s["warmup"], s["steps"])
+            row.update(predicted_step(configs[name]))  # beside the measured step_ms: the model's calibration
             last_elapsed = row["elapsed_s"]
             compiled = configs[name].train.torch_compile
             if compiled:

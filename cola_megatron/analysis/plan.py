@@ -1,33 +1,23 @@
-"""``cola-plan``: choose a parallel layout for a config and a cluster from predicted memory and communication.
+"""``cola-plan``: choose a parallel layout for a config and a cluster from predicted memory and step time.
 
     cola-plan --config configs/cola/llama_7b.yaml --nodes 8 --gpus-per-node 8 --gpu-memory-gib 80
     cola-plan --config configs/demo.yaml --nodes 1 --gpus-per-node 2 --evaluate parallel.tensor_parallel=2
+    cola-plan --config configs/cola/llama_1b.yaml --nodes 1 --explain       # the best layout's step, part by part
 
 For every layout (TP, PP, DP, VP, SP, recompute, micro-batch) the config allows on the cluster, it predicts the
-per-GPU memory of the fullest pipeline stage and the per-step communication, estimates the step time and ranks
-the layouts that fit. ``--render-slurm`` / ``--render-k8s`` write launch files for the best one from the
-templates in ``launch/``.
+per-GPU memory of the fullest pipeline stage (``cola_megatron.cost.memory``) and the step time, and ranks the
+layouts that fit. ``--render-slurm`` / ``--render-k8s`` write launch files for the best one from the templates in
+``launch/``.
 
-Memory (bytes per GPU, megatron-core with this project's layers; docs/launching.md has the derivation):
-
-- weights + gradients + optimizer per parameter this rank holds: bf16/fp16 mixed precision 2 + 4 + 12 (bf16
-  weights, fp32 gradient buffer, fp32 master weights and two Adam moments); fp32 4 + 4 + 8; pure bf16 2 + 2 + 4.
-  The distributed optimizer divides the optimizer part by DP.
-- activations: what autograd saves for backward (unique storages) at the step's peak. Per layer and token of a
-  micro-batch, with SDPA flash attention and a fused RMSNorm (GPU): the layer input, both norm outputs, h, the
-  attention's q, k (after RoPE), v, the attention output, the GLU's gate, up and product and for CoLA each slot's
-  z = A·x (σ(z) is rebuilt in backward): 8d + 7r + 3f elements at TP1. ``cola_m`` keeps 2d + 7r and
-  recomputes one residual branch at a time; ``full`` keeps the layer input d and recomputes one layer. The first
-  pipeline stage holds up to PP micro-batches in flight (interleaved: ``2(PP-1) + (VP-1)·PP + 1`` chunk passes).
-- pipeline buffers (each in-flight micro-batch's stage output) and a workspace estimate (logits and gradient
-  temporaries) complete the prediction; a per-GPU reserve covers the CUDA context, NCCL and fragmentation.
-
-Communication per step and GPU: TP collectives per layer (cola_megatron.analysis.comm_report's table, plus the forward
-collectives that recomputation repeats), pipeline sends of activations and gradients, data-parallel gradient
-reduce-scatter + parameter all-gather (distributed optimizer) or all-reduce. Step time: model FLOPs at a GEMM
-efficiency that grows with the micro-batch's tokens, the 1F1B bubble, TP and PP communication on the critical path,
-and the part of the gradient reduction the last micro-batch's backward cannot hide. It is a ranking model, not a
-benchmark: measure the top few layouts before a long run.
+Step time of the slowest (last) pipeline stage, per micro-batch times the micro-batches, from measured kernels
+(``cola_megatron.cost``; ``--kernel-data FILE`` recalibrates for another GPU): every GEMM of every layer (forward,
+both backward GEMMs, what recomputation repeats) at its shape's measured speed, the flash-attention core, the
+memory-bound elementwise work and megatron's gradient accumulation, the output layer and cross entropy; then the
+optimizer step (mixed precision or pure bf16), the 1F1B bubble, TP and PP communication on the critical path, and
+the part of the gradient reduction the last micro-batch's backward cannot hide. Communication per step and GPU: TP
+collectives per layer (cola_megatron.analysis.comm_report's table, plus the forward collectives that recomputation
+repeats), pipeline sends of activations and gradients, data-parallel gradient reduce-scatter + parameter all-gather
+(distributed optimizer) or all-reduce. Measure the top few layouts before a long run.
 """
 
 from __future__ import annotations
@@ -40,17 +30,21 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence
 
 from cola_megatron.cli import ArgumentParser, run_command
-from cola_megatron.config import Config, ConfigError, ModelConfig, load_config, validate
-from cola_megatron.models.accounting import kv_width, layer_parameters
+from cola_megatron.config import Config, ConfigError, load_config, validate
+from cola_megatron.cost.compute import (ComputeTime, embedding_seconds, gradient_accumulation_seconds, head_seconds,
+                                        layer_seconds, optimizer_seconds)
+from cola_megatron.cost.kernels import KernelModel, load_kernel_model, shipped_model
+from cola_megatron.cost.layout import RECOMPUTE_MODES, Layout, apply_layout, layout_of
+from cola_megatron.cost.memory import (GIB, Memory, activation_bytes, micro_batches_per_step, peak_memory,
+                                       stage_parameters, state_bytes_per_parameter)
+# The memory model's parts, as cola-plan's callers (the GPU check, the tests) name them.
+from cola_megatron.cost.memory import in_flight_passes, layer_activations, stage_memory  # noqa: F401
+from cola_megatron.cost.shapes import slow_shape_warnings
 from cola_megatron.resources import launch_template
 
-GIB = 1024**3
-RECOMPUTE_MODES = ("none", "cola_m", "full")
-FP32 = 4
-INT64 = 8
 
 
 @dataclass(frozen=True)
@@ -66,319 +60,18 @@ class Cluster:
     """Dense bf16 peak per GPU (H100 SXM: 989)."""
     reserve_gib: float = 6.0
     """Memory no estimate covers: CUDA context, NCCL buffers, allocator fragmentation."""
-    gemm_efficiency: float = 0.6
-    """Fraction of peak that large GEMMs reach."""
-    gemm_half_tokens: int = 1024
-    """Tokens per micro-batch at which GEMMs reach half of gemm_efficiency (small micro-batches run slowly)."""
+    kernel_data: Optional[str] = None
+    """JSON-lines file of measured kernels (None: the shipped H100 data)."""
+
+    def kernels(self) -> KernelModel:
+        """The kernel model for this cluster's GPU (uncalibrated when the data describe another peak)."""
+        if self.kernel_data is None:
+            return shipped_model().for_gpu(self.gpu_tflops)
+        return load_kernel_model(self.kernel_data, self.gpu_tflops)
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
-
-
-@dataclass(frozen=True)
-class Layout:
-    tensor_parallel: int
-    pipeline_parallel: int
-    data_parallel: int
-    virtual_pipeline: Optional[int]
-    sequence_parallel: bool
-    recompute: str
-    micro_batch_size: int
-    distributed_optimizer: bool
-    overlap_grad_reduce: bool = True
-    """Reduce gradients while the last micro-batch's backward runs (only matters with DP > 1)."""
-
-    @property
-    def model_chunks(self) -> int:
-        return self.virtual_pipeline or 1
-
-    def overrides(self) -> List[str]:
-        """The cola-train overrides that select this layout."""
-        vp = "null" if self.virtual_pipeline is None else str(self.virtual_pipeline)
-        reduce_overlap = self.overlap_grad_reduce and self.data_parallel > 1
-        return [
-            f"parallel.tensor_parallel={self.tensor_parallel}",
-            f"parallel.pipeline_parallel={self.pipeline_parallel}",
-            f"parallel.virtual_pipeline={vp}",
-            f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
-            f"parallel.use_distributed_optimizer={str(self.distributed_optimizer).lower()}",
-            f"parallel.overlap_grad_reduce={str(reduce_overlap).lower()}",
-            f"train.micro_batch_size={self.micro_batch_size}",
-            f"model.recompute={self.recompute}",
-        ]
-
-    def label(self) -> str:
-        return (f"TP{self.tensor_parallel} PP{self.pipeline_parallel} DP{self.data_parallel}"
-                + (f" VP{self.virtual_pipeline}" if self.virtual_pipeline else "")
-                + (" SP" if self.sequence_parallel else "") + f" {self.recompute} mb{self.micro_batch_size}")
-
-
-def layout_of(cfg: Config, world_size: int) -> Layout:
-    """The layout a config selects at a world size."""
-    p = cfg.parallel
-    return Layout(
-        tensor_parallel=p.tensor_parallel,
-        pipeline_parallel=p.pipeline_parallel,
-        data_parallel=world_size // (p.tensor_parallel * p.pipeline_parallel),
-        virtual_pipeline=p.virtual_pipeline,
-        sequence_parallel=p.sequence_parallel,
-        recompute=cfg.model.recompute,
-        micro_batch_size=cfg.train.micro_batch_size,
-        distributed_optimizer=p.use_distributed_optimizer,
-        overlap_grad_reduce=p.overlap_grad_reduce,
-    )
-
-
-def apply_layout(cfg: Config, layout: Layout) -> Config:
-    """A copy of ``cfg`` running ``layout`` (not validated)."""
-    return dataclasses.replace(
-        cfg,
-        model=dataclasses.replace(cfg.model, recompute=layout.recompute),
-        parallel=dataclasses.replace(
-            cfg.parallel,
-            tensor_parallel=layout.tensor_parallel,
-            pipeline_parallel=layout.pipeline_parallel,
-            virtual_pipeline=layout.virtual_pipeline,
-            sequence_parallel=layout.sequence_parallel,
-            use_distributed_optimizer=layout.distributed_optimizer,
-            overlap_grad_reduce=layout.overlap_grad_reduce and layout.data_parallel > 1,
-            overlap_param_gather=False,
-        ),
-        train=dataclasses.replace(cfg.train, micro_batch_size=layout.micro_batch_size),
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Parameters
-
-
-def stage_parameters(m: ModelConfig, tp: int, pp: int, stage: int) -> int:
-    """Parameters one GPU of pipeline stage ``stage`` holds (layers split evenly; embedding on the first stage,
-    output layer and final norm on the last)."""
-    n = layer_parameters(m, tp).total * (m.num_layers // pp)
-    if stage == 0:
-        n += m.vocab_size * m.hidden_size // tp
-    if stage == pp - 1:
-        n += m.vocab_size * m.hidden_size // tp + m.hidden_size
-    return n
-
-
-def state_bytes_per_parameter(cfg: Config) -> Tuple[int, int, int]:
-    """(weights, gradients, optimizer state) bytes per parameter."""
-    t = cfg.train
-    if t.pure_bf16:
-        return 2, 2, 4
-    if t.precision == "fp32":
-        return 4, 4, 8
-    return 2, 4, 12
-
-
-def activation_bytes(cfg: Config) -> int:
-    return 4 if cfg.train.precision == "fp32" else 2
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Activations: bytes autograd saves for backward. "Per token" means per token of the micro-batch's whole sequence
-# (b·s tokens); tensors sharded along the sequence (sequence parallelism) count 1/TP of it.
-
-
-def _rms_norm(d: int, seq_shards: int, act: int, device: str) -> Tuple[float, bool]:
-    """(bytes per token, whether the input tensor itself is saved) of torch's rms_norm on a d-wide input.
-
-    GPU: the fused kernel saves the input and the fp32 reciprocal RMS. CPU: the composite kernel computes in fp32
-    and saves the (upcast) input, the reciprocal RMS and the normalised input.
-    """
-    if device == "cuda":
-        return (act * d + FP32) / seq_shards, True
-    return (2 * FP32 * d + FP32) / seq_shards, act == FP32
-
-
-@dataclass(frozen=True)
-class LayerActivations:
-    """Saved bytes of one transformer layer: per token, plus per micro-batch terms that do not scale with b."""
-
-    full: float
-    """Everything one layer saves without recomputation, per token."""
-    rope_tables: float
-    """RoPE cos/sin tables each layer computes and saves, per micro-batch (4 tensors of s × head_dim)."""
-    layer_input: float
-    """The layer input, per token (what ``full`` recomputation keeps)."""
-    cola_m_kept: float
-    """x, h and the seven z's, per token (what CoLA-M keeps): (2d + 7r) elements."""
-    cola_m_mlp_branch: float
-    """What rebuilding the MLP branch saves while CoLA-M back-propagates through it, per token."""
-    cola_m_attention_branch: float
-    """Same for the attention branch (plus the RoPE tables), per token."""
-    norm_shares_input: float
-    """Bytes per token of a kept x or h that the rebuilt norm saves again (the same storage, counted once)."""
-
-    def kept(self, mode: str, tokens: int) -> float:
-        """Bytes a layer keeps until its backward."""
-        if mode == "none":
-            return self.full * tokens + self.rope_tables
-        if mode == "full":
-            return self.layer_input * tokens
-        return self.cola_m_kept * tokens
-
-    def rebuilt(self, mode: str, tokens: int) -> float:
-        """Extra bytes while one layer is recomputed and back-propagated (one at a time)."""
-        if mode == "none":
-            return 0.0
-        if mode == "full":
-            return (self.full - self.norm_shares_input) * tokens + self.rope_tables
-        return max(self.cola_m_mlp_branch * tokens,
-                   self.cola_m_attention_branch * tokens + self.rope_tables)
-
-
-def layer_activations(cfg: Config, tp: int, sequence_parallel: bool, device: str = "cuda") -> LayerActivations:
-    """Per-layer saved activations of the LLaMA/CoLA layer this project builds (megatron TransformerLayer, SDPA
-    flash attention, torch rms_norm, the project's GLU in ``models/layers/ops.py``, B GEMMs that save z and rebuild
-    σ(z)), for the ``bottleneck`` CoLA scheme. ``device="cpu"`` models torch's composite rms_norm, which also saves
-    the normalised input (``tests/test_saved_tensors.py`` checks that case exactly)."""
-    m = cfg.model
-    if m.arch == "cola" and cfg.parallel.cola_tp_scheme != "bottleneck":
-        raise ConfigError("parallel.cola_tp_scheme: cola-plan models the 'bottleneck' scheme only. "
-                          "Fix: set parallel.cola_tp_scheme=bottleneck (the default)")
-    act = activation_bytes(cfg)
-    d, f, r, kv = m.hidden_size, m.padded_ffn_hidden_size, m.rank, kv_width(m)
-    heads, head_dim, s = m.num_attention_heads, m.hidden_size // m.num_attention_heads, m.seq_length
-    sp = tp if sequence_parallel else 1
-    norm, shares = _rms_norm(d, sp, act, device)
-    # Attention core on this rank's heads over the whole sequence: q and k after RoPE, v (a tensor of its own:
-    # the CoLA branch output, or the dense q|k|v output's copy), the output (its reshape is a view, the proj
-    # input); the fp32 log-sum-exp per head. The q|k|v GEMM output itself is freed after RoPE.
-    core = act * (d + kv + kv + d) / tp + FP32 * heads / tp
-    # The GLU (models/layers/ops.glu): gate and up (σ(gate) is rebuilt in backward), the product (fc2's input).
-    glu = act * 3 * f / tp
-    norm_outputs = act * 2 * d / sp  # inputs of the q|k|v and gate|up projections
-    cola = 0.0
-    if m.arch == "cola":
-        # Each B GEMM saves its z (σ(z) is rebuilt in backward): the column slots' (q|k|v: 3r, gate|up: 2r) z
-        # gathered over the whole sequence, the row slots' (o, down) z on this rank's tokens.
-        cola = act * (5 * r + 2 * r / sp)
-    full = 2 * norm + norm_outputs + core + glu + cola
-    shared = act * d / sp if shares else 0.0
-    # While CoLA-M rebuilds a branch, the column z it reads is the kept one, except under sequence parallelism
-    # (then its gather over the whole sequence is new); the row slot's rebuilt σ(z) feeds its weight gradient.
-    gathered = 1.0 if sp > 1 else 0.0
-    mlp_branch = norm - shared + act * (d / sp + gathered * 2 * r + 3 * f / tp + r / sp)
-    # The rebuilt q, k, v are separate tensors; q and k are saved after RoPE, v and the output by SDPA.
-    attention_branch = (norm - shared + act * (d / sp + gathered * 3 * r + (2 * d + 2 * kv) / tp + r / sp)
-                        + FP32 * heads / tp)
-    return LayerActivations(
-        full=full,
-        rope_tables=4.0 * s * head_dim * act,
-        layer_input=act * d / sp,
-        cola_m_kept=act * (2 * d + 7 * r) / sp,
-        cola_m_mlp_branch=mlp_branch,
-        cola_m_attention_branch=attention_branch,
-        norm_shares_input=shared,
-    )
-
-
-def embedding_activations(tp: int) -> float:
-    """Per token: the token ids the embedding's backward indexes with (int64), and the vocab-range mask with TP."""
-    return INT64 + (1 if tp > 1 else 0)
-
-
-def head_activations(cfg: Config, tp: int, sequence_parallel: bool, device: str = "cuda") -> float:
-    """Per token: final norm, output-layer input, the fp32 softmax megatron's cross entropy keeps (V/TP wide), its
-    target mask and indices, and the loss mask."""
-    act, d = activation_bytes(cfg), cfg.model.hidden_size
-    sp = tp if sequence_parallel else 1
-    norm, _ = _rms_norm(d, sp, act, device)
-    return norm + act * d / sp + FP32 * cfg.model.vocab_size / tp + 1 + INT64 + FP32
-
-
-def in_flight_passes(layout: Layout, stage: int, micro_batches: int) -> int:
-    """Forward passes (micro-batch × model chunk) a pipeline stage holds when its first backward starts (1F1B;
-    megatron's interleaved warm-up with VP)."""
-    p, v = layout.pipeline_parallel, layout.model_chunks
-    if v == 1:
-        return min(p - stage, micro_batches)
-    return min(2 * (p - stage - 1) + (v - 1) * p + 1, micro_batches * v)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Memory per GPU
-
-
-@dataclass
-class Memory:
-    """Predicted bytes on one GPU of one pipeline stage."""
-
-    stage: int
-    weights: float
-    gradients: float
-    optimizer: float
-    activations: float
-    """Peak of the bytes autograd saves for backward, over the step."""
-    pipeline_buffers: float
-    """Stage outputs the pipeline schedule keeps until their backward."""
-    workspace: float
-    """Temporaries not saved for backward: logits before the fp32 cast, activation gradients (estimate)."""
-    reserve: float
-    """CUDA context, NCCL buffers, allocator fragmentation (the cluster's reserve)."""
-
-    @property
-    def model_states(self) -> float:
-        return self.weights + self.gradients + self.optimizer
-
-    @property
-    def total(self) -> float:
-        return self.model_states + self.activations + self.pipeline_buffers + self.workspace + self.reserve
-
-
-def micro_batches_per_step(cfg: Config, layout: Layout) -> int:
-    return cfg.train.global_batch_size // (layout.micro_batch_size * layout.data_parallel)
-
-
-def stage_memory(cfg: Config, layout: Layout, stage: int, device: str = "cuda", reserve_gib: float = 0.0) -> Memory:
-    """Predicted memory of one GPU of pipeline stage ``stage``; ``device='cpu'`` predicts CPU runs (tests)."""
-    m = cfg.model
-    tp, pp, sp_on = layout.tensor_parallel, layout.pipeline_parallel, layout.sequence_parallel
-    sp = tp if sp_on else 1
-    act = activation_bytes(cfg)
-    w, g, o = state_bytes_per_parameter(cfg)
-    n = stage_parameters(m, tp, pp, stage)
-    optimizer_shards = layout.data_parallel if layout.distributed_optimizer else 1
-
-    tokens = layout.micro_batch_size * m.seq_length
-    micro_batches = micro_batches_per_step(cfg, layout)
-    passes = in_flight_passes(layout, stage, micro_batches)
-    layers_per_pass = m.num_layers // (pp * layout.model_chunks)
-    per_layer = layer_activations(cfg, tp, sp_on, device)
-    # With recomputation the layers also keep the model chunk's rotary frequencies (s × head_dim, fp32).
-    head_dim = m.hidden_size // m.num_attention_heads
-    pass_constant = 0.0 if layout.recompute == "none" else FP32 * m.seq_length * head_dim
-    kept_per_pass = layers_per_pass * per_layer.kept(layout.recompute, tokens) + pass_constant
-    first, last = stage == 0, stage == pp - 1
-    embedding = embedding_activations(tp) * tokens * math.ceil(passes / layout.model_chunks) if first else 0.0
-    head = head_activations(cfg, tp, sp_on, device) * tokens if last else 0.0
-    # The head's tensors are freed before any layer's backward, and layers are rebuilt one at a time.
-    activations = passes * kept_per_pass + embedding + max(head, per_layer.rebuilt(layout.recompute, tokens))
-
-    outputs_kept = passes - (1 if last else 0)
-    pipeline_buffers = outputs_kept * act * m.hidden_size / sp * tokens if pp > 1 else 0.0
-    gradients_tmp = act * tokens * (2 * 2 * m.padded_ffn_hidden_size / tp + 2 * m.hidden_size / sp)
-    logits_tmp = act * m.vocab_size / tp * tokens if (last and act < FP32) else 0.0
-    return Memory(
-        stage=stage,
-        weights=float(w * n),
-        gradients=float(g * n),
-        optimizer=o * n / optimizer_shards,
-        activations=activations,
-        pipeline_buffers=pipeline_buffers,
-        workspace=max(gradients_tmp, logits_tmp),
-        reserve=reserve_gib * GIB,
-    )
-
-
-def peak_memory(cfg: Config, layout: Layout, device: str = "cuda", reserve_gib: float = 0.0) -> Memory:
-    """The pipeline stage with the most memory."""
-    stages = [stage_memory(cfg, layout, i, device, reserve_gib) for i in range(layout.pipeline_parallel)]
-    return max(stages, key=lambda mem: mem.total)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -397,14 +90,29 @@ class Estimate:
     dp_bytes: float
     """Bytes one GPU sends per step for gradient reduction and parameter gathering."""
     compute_s: float
+    """The last stage's forward and backward over the step's micro-batches (the parts in ``compute``)."""
     bubble_s: float
     tp_s: float
     pp_s: float
     dp_exposed_s: float
+    optimizer_s: float = 0.0
+    compute: Optional[ComputeTime] = None
+    """compute_s by part, summed over the step's micro-batches (GEMMs by slot, attention, elementwise)."""
+    calibrated: bool = True
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.bubble_s + self.tp_s + self.pp_s + self.dp_exposed_s
+        return self.compute_s + self.optimizer_s + self.bubble_s + self.tp_s + self.pp_s + self.dp_exposed_s
+
+    def breakdown(self) -> Dict[str, float]:
+        """Seconds per step by part: GEMMs by slot, attention, elementwise, optimizer, exposed communication,
+        pipeline bubble. They sum to step_s."""
+        c = self.compute or ComputeTime()
+        parts = {f"gemm_{slot}": t for slot, t in c.gemms.items()}
+        parts.update(attention=c.attention, elementwise=c.elementwise, optimizer=self.optimizer_s,
+                     tensor_parallel=self.tp_s, pipeline=self.pp_s, data_parallel_exposed=self.dp_exposed_s,
+                     bubble=self.bubble_s)
+        return parts
 
     def as_dict(self) -> Dict[str, object]:
         mem = self.memory
@@ -419,8 +127,10 @@ class Estimate:
             "communication_gb_per_step": {"tensor_parallel": self.tp_bytes / 1e9, "pipeline": self.pp_bytes / 1e9,
                                           "data_parallel": self.dp_bytes / 1e9},
             "step_s": self.step_s,
-            "time_s": {"compute": self.compute_s, "bubble": self.bubble_s, "tensor_parallel": self.tp_s,
-                       "pipeline": self.pp_s, "data_parallel_exposed": self.dp_exposed_s},
+            "step_calibrated": self.calibrated,
+            "time_s": {"compute": self.compute_s, "optimizer": self.optimizer_s, "bubble": self.bubble_s,
+                       "tensor_parallel": self.tp_s, "pipeline": self.pp_s, "data_parallel_exposed": self.dp_exposed_s},
+            "step_breakdown_s": self.breakdown(),
         }
 
 
@@ -444,34 +154,29 @@ def _tp_bytes_per_layer(cfg: Config, layout: Layout, tokens: int) -> float:
     return sum(ring_bytes_per_rank(c.kind, c.width * tokens * act, tp) for c in collectives)
 
 
-def _layer_flops_per_token(cfg: Config, layout: Layout) -> Tuple[float, float]:
-    """Training FLOPs of one layer per token on one TP rank, with the redundant replicated GEMMs of CoLA without
-    SP and with recomputation: (FLOPs at full width, FLOPs of the GEMMs TP narrows)."""
+def micro_batch_compute(cfg: Config, layout: Layout, kernels: KernelModel, stage: int) -> ComputeTime:
+    """One micro-batch's forward and backward through pipeline stage ``stage`` on one GPU."""
     m = cfg.model
-    tp = layout.tensor_parallel
-    sp = tp if layout.sequence_parallel else 1
-    p = layer_parameters(m, tp)
-    unsplit = p.replicated / sp + p.norms / sp
-    attention = 4.0 * m.seq_length * m.hidden_size / tp  # forward: scores and weighted sum, this rank's heads
-    wide, narrow = 6.0 * unsplit + 3 * attention, 6.0 * p.sharded
-    if layout.recompute == "full":
-        wide, narrow = wide + 2.0 * unsplit + attention, narrow + 2.0 * p.sharded
-    elif layout.recompute == "cola_m":  # the B projections feeding attention and the GLU, and the core
-        d, f, r, kv = m.hidden_size, m.padded_ffn_hidden_size, m.rank, kv_width(m)
-        wide, narrow = wide + attention, narrow + 2.0 * r * (d + 2 * kv + 2 * f) / tp
-    return wide, narrow
+    tp, pp, sp = layout.tensor_parallel, layout.pipeline_parallel, layout.sequence_parallel
+    act, mb = activation_bytes(cfg), layout.micro_batch_size
+    scheme = cfg.parallel.cola_tp_scheme if m.arch == "cola" else "bottleneck"
+    layer = layer_seconds(kernels, m, mb, tp, sp, scheme, layout.recompute, act)
+    out = ComputeTime().add(layer, m.num_layers // pp)
+    if stage == pp - 1:
+        out = out.add(head_seconds(kernels, m, mb, tp, sp, act))
+    if stage == 0:
+        out = out.add(ComputeTime(elementwise=embedding_seconds(kernels, m, mb, act)))
+    # megatron's DDP adds every micro-batch's gradients into its main-gradient buffer.
+    accumulate = gradient_accumulation_seconds(kernels, stage_parameters(m, tp, pp, stage),
+                                               cfg.train.mixed_precision and not cfg.train.pure_bf16)
+    return out.add(ComputeTime(elementwise=accumulate))
 
 
-def _narrow_gemm_efficiency(cfg: Config, tp: int, half_width: int = 256) -> float:
-    """Relative speed of GEMMs whose width TP divides (hidden/TP wide): thin GEMMs underuse the GPU."""
-    width = cfg.model.hidden_size / tp
-    full = cfg.model.hidden_size
-    return (width / (width + half_width)) / (full / (full + half_width))
-
-
-def estimate(cfg: Config, layout: Layout, cluster: Cluster, device: str = "cuda") -> Estimate:
+def estimate(cfg: Config, layout: Layout, cluster: Cluster, device: str = "cuda",
+             kernels: Optional[KernelModel] = None) -> Estimate:
     """Memory, communication and step time of ``layout`` for ``cfg`` on ``cluster``."""
     m, c = cfg.model, cluster
+    kernels = kernels or c.kernels()
     tp, pp, dp, v = layout.tensor_parallel, layout.pipeline_parallel, layout.data_parallel, layout.model_chunks
     sp = tp if layout.sequence_parallel else 1
     act = activation_bytes(cfg)
@@ -480,16 +185,16 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, device: str = "cuda"
     micro_batches = micro_batches_per_step(cfg, layout)
 
     # Compute: the slowest stage (the last one carries the output layer) sets the pipeline's pace.
-    layers = m.num_layers // pp
-    wide, narrow = _layer_flops_per_token(cfg, layout)
-    head_flops = 6.0 * (m.vocab_size * m.hidden_size / tp + m.hidden_size)
-    last_stage_flops = tokens * (layers * (wide + narrow / _narrow_gemm_efficiency(cfg, tp)) + head_flops)
-    efficiency = c.gemm_efficiency * tokens / (tokens + c.gemm_half_tokens)
-    per_micro_batch_s = last_stage_flops / (c.gpu_tflops * 1e12 * efficiency)
-    compute_s = micro_batches * per_micro_batch_s
+    per_micro_batch = micro_batch_compute(cfg, layout, kernels, pp - 1)
+    if pp > 1:
+        first = micro_batch_compute(cfg, layout, kernels, 0)
+        per_micro_batch = max(per_micro_batch, first, key=lambda t: t.total)
+    per_micro_batch_s = per_micro_batch.total
+    compute = ComputeTime().add(per_micro_batch, micro_batches)
     bubble_s = (pp - 1) / v * per_micro_batch_s
 
     # TP collectives stay inside a node; they are on the critical path.
+    layers = m.num_layers // pp
     tp_bytes = micro_batches * layers * _tp_bytes_per_layer(cfg, layout, tokens)
     tp_s = tp_bytes / (c.nvlink_gbs * 1e9)
     # Pipeline: each micro-batch and model chunk sends its activations forward and their gradient back.
@@ -508,6 +213,9 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, device: str = "cuda"
     # Gradient buckets reduce while the last micro-batch's backward (about 2/3 of its time) runs.
     hidden_s = 2.0 / 3.0 * per_micro_batch_s if layout.overlap_grad_reduce else 0.0
     dp_exposed_s = max(0.0, reduce_bytes / dp_link - hidden_s) + gather_bytes / dp_link
+    # The optimizer updates this rank's parameters (its 1/DP shard with the distributed optimizer).
+    updated = stage_parameters(m, tp, pp, pp - 1) / (dp if layout.distributed_optimizer else 1)
+    optimizer_s = optimizer_seconds(kernels, int(updated), cfg.train.pure_bf16, cfg.train.precision == "fp32")
     return Estimate(
         layout=layout,
         memory=mem,
@@ -515,11 +223,14 @@ def estimate(cfg: Config, layout: Layout, cluster: Cluster, device: str = "cuda"
         tp_bytes=tp_bytes,
         pp_bytes=pp_bytes,
         dp_bytes=reduce_bytes + gather_bytes,
-        compute_s=compute_s,
+        compute_s=compute.total,
         bubble_s=bubble_s,
         tp_s=tp_s,
         pp_s=pp_s,
         dp_exposed_s=dp_exposed_s,
+        optimizer_s=optimizer_s,
+        compute=compute,
+        calibrated=kernels.calibrated,
     )
 
 
@@ -560,7 +271,9 @@ def candidate_layouts(cfg: Config, cluster: Cluster, recompute_modes: Sequence[s
 
 def rank_layouts(cfg: Config, cluster: Cluster, device: str = "cuda", **candidates) -> List[Estimate]:
     """All candidate layouts: those that fit fastest first, then the others by memory (least first)."""
-    estimates = [estimate(cfg, layout, cluster, device) for layout in candidate_layouts(cfg, cluster, **candidates)]
+    kernels = cluster.kernels()
+    estimates = [estimate(cfg, layout, cluster, device, kernels)
+                 for layout in candidate_layouts(cfg, cluster, **candidates)]
 
     def key(e: Estimate):
         if e.fits:
@@ -699,9 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpu-tflops", type=POSITIVE, default=c.gpu_tflops, help="dense bf16 peak per GPU")
     g.add_argument("--reserve-gib", type=NON_NEGATIVE, default=c.reserve_gib,
                    help="per-GPU memory for the CUDA context, NCCL and fragmentation")
-    g.add_argument("--gemm-efficiency", type=FRACTION, default=c.gemm_efficiency,
-                   help="fraction of peak large GEMMs reach, in (0, 1]")
-    g.add_argument("--gemm-half-tokens", type=NON_NEGATIVE_COUNT, default=c.gemm_half_tokens)
+    g.add_argument("--kernel-data", metavar="FILE",
+                   help="JSON lines of kernels measured on the cluster's GPU (default: the shipped H100 data; "
+                        "docs/launching.md says how to measure)")
     s = p.add_argument_group("search")
     s.add_argument("--recompute", default=",".join(RECOMPUTE_MODES),
                    help="recompute modes to consider, comma-separated (default: all)")
@@ -712,7 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "launch files run --gpus-per-node CPU processes per node and request no GPUs")
     o = p.add_argument_group("output")
     o.add_argument("--top", type=COUNT, default=15, help="layouts to print")
-    o.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    o.add_argument("--json", action="store_true", help="print JSON instead of a table (with each step's breakdown)")
+    o.add_argument("--explain", action="store_true",
+                   help="print the best layout's step time part by part (GEMMs by slot, attention, elementwise, "
+                        "optimizer, exposed communication, bubble)")
     o.add_argument("--render-slurm", metavar="PATH", help="write an sbatch script for the best layout")
     o.add_argument("--render-k8s", metavar="PATH", help="write a Kubeflow PyTorchJob for the best layout")
     o.add_argument("--job-name", help="job name in rendered files (default: from the config path)")
@@ -742,6 +458,27 @@ def format_table(estimates: Sequence[Estimate]) -> List[str]:
     return lines
 
 
+PART_NAMES = {
+    "attention": "attention core (flash)",
+    "elementwise": "elementwise (norms, SiLU, GLU, RoPE, adds, cross entropy)",
+    "optimizer": "optimizer step",
+    "tensor_parallel": "exposed communication: tensor parallel",
+    "pipeline": "exposed communication: pipeline",
+    "data_parallel_exposed": "exposed communication: data parallel",
+    "bubble": "pipeline bubble",
+}
+
+
+def explain(best: Estimate, kernels: KernelModel) -> List[str]:
+    """The step time of ``best`` part by part (the parts sum to the step)."""
+    step = best.step_s
+    lines = [f"step time of {best.layout.label()}: {step:.3g} s ({kernels.describe()})"]
+    for part, seconds in best.breakdown().items():
+        name = f"GEMMs {part[5:]}" if part.startswith("gemm_") else PART_NAMES[part]
+        lines.append(f"  {name:<58} {seconds:9.4f} s {seconds / step if step else 0.0:6.1%}")
+    return lines
+
+
 def _job_name(config_path: str) -> str:
     parts = os.path.normpath(config_path).split(os.sep)
     stem = os.path.splitext(parts[-1])[0]
@@ -754,7 +491,7 @@ def _command(args, flag: str, out_path: str) -> str:
     parts = ["cola-plan", "--config", args.config, "--nodes", str(args.nodes), "--gpus-per-node",
              str(args.gpus_per_node), "--gpu-memory-gib", f"{args.gpu_memory_gib:g}"]
     defaults = build_parser().parse_args(["--config", args.config])
-    for name in ("nvlink_gbs", "network_gbs", "gpu_tflops", "reserve_gib", "gemm_efficiency", "gemm_half_tokens",
+    for name in ("nvlink_gbs", "network_gbs", "gpu_tflops", "reserve_gib", "kernel_data",
                  "recompute", "device", "job_name"):
         if getattr(args, name) != getattr(defaults, name):
             parts += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
@@ -783,7 +520,7 @@ def check_launch_outputs(paths: Sequence[str], overwrite: bool) -> None:
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
     cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory_gib, args.nvlink_gbs, args.network_gbs,
-                      args.gpu_tflops, args.reserve_gib, args.gemm_efficiency, args.gemm_half_tokens)
+                      args.gpu_tflops, args.reserve_gib, args.kernel_data)
     modes = [mode.strip() for mode in args.recompute.split(",") if mode.strip()]
     bad = [mode for mode in modes if mode not in RECOMPUTE_MODES]
     if cluster.nodes < 1 or cluster.gpus_per_node < 1 or bad or not modes:
@@ -794,8 +531,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                           f"{cluster.gpu_memory_gib:g}. Fix: lower --reserve-gib")
     check_launch_outputs([p for p in (args.render_slurm, args.render_k8s) if p], args.overwrite)
     cfg = load_config(args.config, args.overrides, world_size=cluster.world_size if args.evaluate else None)
+    kernels = cluster.kernels()
     if args.evaluate:
-        estimates = [estimate(cfg, layout_of(cfg, cluster.world_size), cluster, args.device)]
+        estimates = [estimate(cfg, layout_of(cfg, cluster.world_size), cluster, args.device, kernels)]
     else:
         estimates = rank_layouts(cfg, cluster, args.device, recompute_modes=modes,
                                  distributed_optimizer=not args.no_distributed_optimizer)
@@ -815,6 +553,14 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             print(line)
         verdict = "best" if best.fits else "none fits; least bad"
         print(f"\n{verdict}: {best.layout.label()}\n  " + " ".join(best.layout.overrides()))
+        if args.explain:
+            print()
+            for line in explain(best, kernels):
+                print(line)
+    for warning in slow_shape_warnings(apply_layout(cfg, best.layout), kernels):
+        print(f"cola-plan: warning: {warning}", file=sys.stderr)
+    if not kernels.calibrated:
+        print(f"cola-plan: note: step times are uncalibrated: {kernels.describe()}", file=sys.stderr)
     outputs = [(kind, path) for kind, path in (("slurm", args.render_slurm), ("k8s", args.render_k8s)) if path]
     if outputs and not best.fits:
         print("cola-plan: not rendering launch files: no layout fits in GPU memory", file=sys.stderr)

@@ -10,8 +10,9 @@ fix. Nothing is created or written. Checked, in order:
   made with ``data.tokenizer`` (sha256); every token id below the vocabulary;
 - output directories (``checkpoint.save_dir``, ``logging.log_dir``, the data index cache) writable or creatable.
 
-Warnings (returned, not raised): too little free disk for the checkpoints the run keeps; a training set the run
-would repeat many times.
+Warnings (returned, not raised): GEMM widths that run slowly on GPUs (``cost/shapes.py``: the width, its predicted
+cost from measured kernels and the fix); too little free disk for the checkpoints the run keeps; a training set the
+run would repeat many times.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def check_output_dir(path: str, key: str, what: str = "") -> None:
 
 def checkpoint_bytes(cfg: Config) -> int:
     """Bytes of one checkpoint: the weights and the optimizer state (gradients are not saved)."""
-    from cola_megatron.analysis.plan import state_bytes_per_parameter
+    from cola_megatron.cost.memory import state_bytes_per_parameter
     from cola_megatron.models.accounting import count_parameters
 
     weights, _, optimizer = state_bytes_per_parameter(cfg)
@@ -90,7 +91,8 @@ def free_space_warning(cfg: Config) -> Optional[str]:
 def check_memory(cfg: Config) -> None:
     """Refuse a layout whose micro-batch cannot fit any accelerator (cola-plan's activation model, which counts
     the tensors autograd keeps; e.g. model.seq_length=10000000)."""
-    from cola_megatron.analysis.plan import GIB, layout_of, peak_memory
+    from cola_megatron.cost.layout import layout_of
+    from cola_megatron.cost.memory import GIB, peak_memory
 
     if cfg.model.arch == "cola" and cfg.parallel.cola_tp_scheme != "bottleneck":
         return  # the activation model describes the default scheme only
@@ -221,7 +223,9 @@ def preflight(cfg: Config) -> List[str]:
     tokenizer = check_tokenizer(cfg)
     infos = check_data(cfg, tokenizer)
     check_outputs(cfg)
-    return [w for w in (free_space_warning(cfg), epoch_warning(cfg, infos)) if w]
+    from cola_megatron.cost.shapes import slow_shape_warnings
+
+    return slow_shape_warnings(cfg) + [w for w in (free_space_warning(cfg), epoch_warning(cfg, infos)) if w]
 
 
 def warn_all(warnings: List[str], prog: str = "cola-train") -> None:
