@@ -350,7 +350,10 @@ def test_stored_activations_at_most_2d_plus_7r_per_token(results):
 def test_training_losses_equal_to_no_recompute(results, layout):
     histories = _case(results[0]["training"], 0)
     assert len(histories[(layout, "none")]) == 3
-    assert_same_trajectory(histories[(layout, "cola_m")], histories[(layout, "none")])
+    # Bit-identical, not merely close: CoLA-M's backward replays the very forward kernels on the stored z's and
+    # back-propagates through them with autograd, in the order the unrecomputed graph would (equal on AVX-512, AVX2
+    # and baseline kernels); a gradient perturbed by 1e-3 of its scale moves these losses by only ~1e-6.
+    assert histories[(layout, "cola_m")] == histories[(layout, "none")]
 
 
 def test_torch_compile_trains_as_eager_and_compiles_the_layer(compiled):

@@ -191,12 +191,14 @@ def test_targets_and_exit_status_follow_the_records():
 
 
 def test_speed_rows_carry_the_planned_step_time_and_the_summary_its_ratio():
+    import torch
+
     from cola_megatron.analysis import bench, gpu_phases
     from cola_megatron.config import load_config
 
     base = load_config("configs/cola/llama_1b.yaml", ["data.mock=true", "data.tokenizer=null"])
     cfg = bench.variant_config(base, "dense", 32, 13, None, "bf16", None)  # speed_1b's dense run
-    predicted = gpu_phases.predicted_step(cfg)
+    predicted = gpu_phases.predicted_step(cfg, torch.device("cpu"))  # no GPU: the H100 SXM peak
     assert predicted["predicted_step_ms"] == pytest.approx(sum(predicted["predicted_breakdown_ms"].values()))
     row = {"phase": "speed_1b", "kind": "speed", "variant": "dense", "params_m": 1339.1, "tokens_per_s": 1.0,
            "tflops_per_gpu": 1.0, "step_ms": 2 * predicted["predicted_step_ms"], **predicted}

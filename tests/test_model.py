@@ -196,6 +196,35 @@ def test_sdpa_matches_megatron_dot_product_attention():
     assert mismatch is None, mismatch
 
 
+def _bf16_attention(seq_length):
+    """SDPAttention's forward and backward in bf16 at a sequence length where torch's CPU flash kernel runs."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from cola_megatron.models.build import transformer_config
+    from cola_megatron.models.layers.attention import SDPAttention
+
+    cfg = _cfg()
+    _model(cfg)  # initialises the process groups
+    torch.manual_seed(0)
+    h, d = TINY["num_attention_heads"], TINY["hidden_size"] // TINY["num_attention_heads"]
+    q, k, v = (torch.randn(seq_length, 2, h, d) for _ in range(3))
+    attention = SDPAttention(transformer_config(cfg), layer_number=1, attn_mask_type=AttnMaskType.causal)
+    want = attention(q, k, v, None)
+    q16, k16, v16 = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    out = attention(q16, k16, v16, None)
+    out.float().sum().backward()
+    return torch.backends.cpu.get_cpu_capability(), (out.float() - want).abs().max().item() / want.abs().max().item()
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_bf16_attention_runs_at_a_lowered_cpu_capability(monkeypatch, capability):
+    """torch's bf16 CPU flash kernel fails below AVX-512 dispatch on AMX machines (compat/sdpa.py)."""
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
+    seen, error = run_distributed(_bf16_attention, 1, 64)[0]
+    assert seen == capability.upper()
+    assert error < 2 ** -7  # bf16 inputs and output: a few of its 8-bit mantissa's ulps of the fp32 result
+
+
 def _real_counts():
     out = {}
     for name, model in {"cola": dict(arch="cola"), "dense": dict(arch="dense"),

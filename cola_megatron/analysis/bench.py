@@ -52,6 +52,8 @@ class Result:
     """Hardware FLOP utilisation: model FLOPs plus recomputation (models.accounting.hardware_flops_per_token)."""
     peak_mem_gib: Optional[float]
     """CUDA's peak allocation during this variant; None on CPU, where only the process-wide peak is known."""
+    peak_reserved_gib: Optional[float]
+    """CUDA's peak reserved (allocated plus cached) memory during this variant; None on CPU."""
     params_m: float
     losses: List[float]
 
@@ -91,14 +93,12 @@ def _timer(device: torch.device):
 
 
 def bench_variant(cfg: Config, variant: str, device: torch.device, warmup: int, steps: int) -> Result:
-    from cola_megatron.training.metrics import peak_memory_gib, peak_tflops, throughput
     from cola_megatron.models.accounting import count_parameters
+    from cola_megatron.training import metrics
     from cola_megatron.training.run import build_data
     from cola_megatron.training.trainer import Trainer
 
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    metrics.reset_peak_memory(device)
     trainer = Trainer(cfg, device, log=False)
     _, train_ds, _ = build_data(cfg)
     trainer.attach_data(train_ds)
@@ -109,8 +109,10 @@ def bench_variant(cfg: Config, variant: str, device: torch.device, warmup: int, 
         trainer.train_step()
     seconds = stop()
     tokens = steps * cfg.train.global_batch_size * cfg.model.seq_length
-    rates = throughput(tokens, seconds, 1, trainer.flops_per_token, peak_tflops(cfg.logging.peak_tflops),
-                       trainer.hardware_flops_per_token)
+    rates = metrics.throughput(tokens, seconds, 1, trainer.flops_per_token,
+                               metrics.peak_tflops(cfg.logging.peak_tflops, device), trainer.hardware_flops_per_token)
+    # Only a peak since this variant's reset is the variant's own (on CPU only the process-wide one is known).
+    memory = metrics.peak_memory(device)
     result = Result(
         variant=variant,
         step_ms=1e3 * seconds / steps,
@@ -118,7 +120,8 @@ def bench_variant(cfg: Config, variant: str, device: torch.device, warmup: int, 
         tflops_per_gpu=rates["tflops_per_gpu"],
         mfu=rates["mfu"],
         hfu=rates["hfu"],
-        peak_mem_gib=peak_memory_gib(device) if device.type == "cuda" else None,
+        peak_mem_gib=memory.allocated_gib if memory.since_reset else None,
+        peak_reserved_gib=memory.reserved_gib if memory.since_reset else None,
         params_m=count_parameters(cfg.model).total / 1e6,
         losses=list(trainer.history),
     )
@@ -152,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="base config (its model shape is used; arch/recompute come from --variants)")
     p.add_argument("--tiny", action="store_true", help="a tiny model for a CPU smoke run")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="where the variants run (default: CUDA when available)")
     p.add_argument("--variants", default="cola,dense", help=f"comma list from {', '.join(VARIANTS)}; first = baseline")
     p.add_argument("--layers", type=int, help="override the number of layers (fit large shapes on one GPU)")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default: the config's)")
@@ -166,12 +171,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    from cola_megatron.training.distributed import destroy_distributed, initialize_distributed
+    from cola_megatron.training.distributed import destroy_distributed, initialize_distributed, resolve_device
 
     args = _parser().parse_args(argv)
     if not args.config and not args.tiny:
         raise ConfigError("nothing to benchmark. Fix: give --config CONFIG or --tiny")
-    on_gpu = torch.cuda.is_available()
+    on_gpu = resolve_device(args.device).type == "cuda"
     precision = args.precision or ("bf16" if on_gpu else "fp32")
     overrides = list(args.overrides) + ["data.mock=true"]
     if args.seq:
@@ -185,7 +190,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     configs = [variant_config(base, v, micro, args.warmup + args.steps, args.layers, precision,
                               args.ffn_multiple_of) for v in names]
-    device = initialize_distributed(seed=base.train.seed)
+    device = initialize_distributed(seed=base.train.seed, device=args.device)
     try:
         # One discarded run first: process-wide first-use costs (kernel selection, allocator growth, lazy
         # initialisation) would otherwise be charged to whichever variant happens to be first.
@@ -195,7 +200,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         destroy_distributed()
     m = configs[0].model
     header = {
-        "device": torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({platform.processor() or platform.machine()})"),
         "torch": torch.__version__,
         "megatron-core": _megatron_version(),
         "shape": f"d={m.hidden_size} ffn={m.padded_ffn_hidden_size} r={m.rank} layers={m.num_layers} "

@@ -17,6 +17,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import sys
 import time
 import traceback
@@ -252,20 +253,24 @@ def _bench(cfg: Config, name: str, device: torch.device, warmup: int, steps: int
     result = bench.bench_variant(cfg, name, device, warmup, steps)
     row = dataclasses.asdict(result)
     row["elapsed_s"] = round(time.monotonic() - start, 2)
-    row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB if device.type == "cuda" else None
     if row.get("hfu") is None:
         hw = hardware_flops_per_token(cfg)
-        peak = metrics.peak_tflops(cfg.logging.peak_tflops)
+        peak = metrics.peak_tflops(cfg.logging.peak_tflops, device)
         row["hfu"] = 100.0 * result.tokens_per_s * hw / 1e12 / peak if hw and peak else None
     return result, row
 
 
-def predicted_step(cfg: Config) -> Dict:
+def predicted_step(cfg: Config, device: torch.device) -> Dict:
     """cola-plan's step time for this one-GPU run (the shipped kernel data, scaled when this GPU's peak differs)."""
-    cluster = plan.Cluster(nodes=1, gpus_per_node=1, gpu_tflops=metrics.peak_tflops(cfg.logging.peak_tflops) or 989.0)
+    peak = metrics.peak_tflops(cfg.logging.peak_tflops, device) or 989.0
+    cluster = plan.Cluster(nodes=1, gpus_per_node=1, gpu_tflops=peak)
     e = plan.estimate(cfg, plan.layout_of(cfg, 1), cluster)
     return {"predicted_step_ms": e.step_s * 1e3, "predicted_calibrated": e.calibrated,
             "predicted_breakdown_ms": {k: v * 1e3 for k, v in e.breakdown().items()}}
+
+
+def _compiled(variant: str) -> bool:
+    return bool(bench.VARIANTS[variant].get("torch_compile"))
 
 
 def _shape_line(cfg: Config, micro_batch: int) -> str:
@@ -279,11 +284,36 @@ def _shape_line(cfg: Config, micro_batch: int) -> str:
 # Phase 1: environment
 
 
-def _sdpa_backends(names: Sequence[str]) -> List[str]:
-    """SDPA backends the profiled op names show (math when no fused kernel ran)."""
+def host_compiler(cpu: bool) -> Optional[str]:
+    """The host compiler torch.compile's default backend (inductor) builds with at run time, or None: on a GPU,
+    Triton compiles its kernel launchers with $CC, else gcc, else clang; on a CPU, inductor writes C++ for $CXX,
+    else g++ (c++ and clang++ are accepted too)."""
+    variable, names = ("CXX", ("g++", "c++", "clang++")) if cpu else ("CC", ("gcc", "clang"))
+    if os.environ.get(variable):
+        return shutil.which(os.environ[variable].split()[0])
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+def compile_blocker(backend: str, cpu: bool) -> Optional[str]:
+    """Why the compile checks and compiled speed runs cannot run here (one note, the fix in it), or None."""
+    if backend != "inductor" or host_compiler(cpu):
+        return None
+    if cpu:
+        return ("no host C++ compiler ($CXX, g++, c++ or clang++): torch.compile's inductor writes C++ on a CPU, so "
+                "the compile phases are skipped. Fix: install g++, or pass --compile-backend aot_eager")
+    return ("no host C compiler ($CC, gcc or clang): Triton builds its kernel launchers with one at run time, so the "
+            "compile phases are skipped. Fix: install gcc (apt-get install gcc) or set CC")
+
+
+def _sdpa_backends(events: Sequence) -> List[str]:
+    """SDPA backends a profile's events (``prof.key_averages()``: anything with a ``key``) show. Every kernel that
+    ran is listed, so attention that ran partly in math (``aten::_scaled_dot_product_attention_math``) next to a
+    fused kernel shows both; math also when no SDPA op ran at all (attention outside SDPA is unfused)."""
     found = set()
-    for name in names:
-        if "_scaled_dot_product_flash_attention_for_cpu" in name:
+    for name in (e.key for e in events):
+        if "_scaled_dot_product_attention_math" in name:
+            found.add("math")
+        elif "_scaled_dot_product_flash_attention_for_cpu" in name:
             found.add("flash (CPU)")
         elif "_scaled_dot_product_flash_attention" in name or "_flash_attention_forward" in name:
             found.add("flash")
@@ -307,13 +337,19 @@ def environment(ctx: PhaseContext) -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if not ctx.cpu:
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=torch.cuda.get_device_name(0), capability=f"{props.major}.{props.minor}",
+        gpu = torch.device("cuda", 0)
+        props = torch.cuda.get_device_properties(gpu)
+        info.update(gpu=torch.cuda.get_device_name(gpu), capability=f"{props.major}.{props.minor}",
                     multiprocessors=props.multi_processor_count, memory_gib=round(props.total_memory / GIB, 1),
-                    peak_bf16_tflops=metrics.peak_tflops())
+                    peak_bf16_tflops=metrics.peak_tflops(device=gpu))
     else:
         info.update(gpu=None, processor=platform.processor() or platform.machine())
+    backend = ctx.settings["compile_backend"]
+    info.update(compile_backend=backend, host_compiler=host_compiler(ctx.cpu))
     ctx.record("info", **info)
+    blocker = compile_blocker(backend, ctx.cpu)
+    if blocker:
+        ctx.note(blocker)
 
     # The attention the model actually runs: one forward/backward of a CoLA layer at the 1B head size, profiled.
     device = ctx.device()
@@ -327,7 +363,7 @@ def environment(ctx: PhaseContext) -> None:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         _gradients(cfg, device, tokens)
-    backends = _sdpa_backends([e.key for e in prof.key_averages()])
+    backends = _sdpa_backends(prof.key_averages())
     if ctx.cpu:
         ctx.check("SDPA backend is flash or cuDNN", None, value=",".join(backends),
                   detail=f"skipped on CPU (ran: {', '.join(backends)})")
@@ -394,16 +430,26 @@ def correctness(ctx: PhaseContext) -> None:
             ctx.check(f"cola {precision}: {mode} gradients vs none (relative norm)", error <= TOLERANCE[key],
                       value=error, tolerance=TOLERANCE[key], detail=f"worst tensor {worst}: {worst_error:.2e}")
 
-    # The compiled layer trains like the eager one (bf16, as benchmarked).
+    compiled_check(ctx, device)
+
+
+def compiled_check(ctx: PhaseContext, device: torch.device) -> None:
+    """The compiled layer trains like the eager one (bf16, as benchmarked); skipped, with the fix, where the
+    compiler torch.compile needs is missing."""
+    c = CORRECTNESS[ctx.mode]
     steps = c["compile_steps"]
     backend = ctx.settings["compile_backend"]
+    name = f"cola bf16: compiled ({backend}) vs eager loss over {steps} steps"
+    blocker = compile_blocker(backend, ctx.cpu)
+    if blocker:
+        ctx.check(name, None, detail=f"skipped: {blocker}")
+        return
     eager = bench.bench_variant(_correctness_config(ctx, "cola", "bf16", steps=steps), "cola", device, 0, steps)
     with compile_backend(backend):
         compiled = bench.bench_variant(_correctness_config(ctx, "cola", "bf16", compiled=True, steps=steps),
                                        "cola_compile", device, 0, steps)
     error = _max_relative_difference(compiled.losses, eager.losses) if _finite(compiled.losses) else math.inf
-    ctx.check(f"cola bf16: compiled ({backend}) vs eager loss over {steps} steps", error <= TOLERANCE["compile_loss"],
-              value=error, tolerance=TOLERANCE["compile_loss"])
+    ctx.check(name, error <= TOLERANCE["compile_loss"], value=error, tolerance=TOLERANCE["compile_loss"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -455,8 +501,16 @@ def speed(ctx: PhaseContext) -> None:
     precision = "fp32" if ctx.cpu else "bf16"
     if ctx.cpu:  # the profiling path once, not its cost per variant
         profiled = profiled[:1] if ctx.phase == "speed_1b" else []
-    base = _speed_base(ctx, config)
     backend = ctx.settings["compile_backend"]
+    blocker = compile_blocker(backend, ctx.cpu)
+    not_run = [n for n in names if _compiled(n)] if blocker else []
+    if not_run:
+        ctx.note(f"{', '.join(not_run)}: not run, {blocker}")
+        names = [n for n in names if n not in not_run]
+        profiled = [n for n in profiled if n in names]
+    if not names:
+        return
+    base = _speed_base(ctx, config)
 
     def variant(name: str, steps: int) -> Config:
         return bench.variant_config(base, name, micro_batch, steps, layers, precision,
@@ -476,7 +530,7 @@ def speed(ctx: PhaseContext) -> None:
                 ctx.note(f"{name}: not run, {ctx.time_left():.0f} s left in the box")
                 continue
             result, row = _bench(configs[name], name, device, s["warmup"], s["steps"])
-            row.update(predicted_step(configs[name]))  # beside the measured step_ms: the model's calibration
+            row.update(predicted_step(configs[name], device))  # beside the measured step_ms: the model's calibration
             last_elapsed = row["elapsed_s"]
             compiled = configs[name].train.torch_compile
             if compiled:
@@ -566,6 +620,8 @@ def quality(ctx: PhaseContext) -> None:
         limit_min = max(0.1, (ctx.time_left() - later - q["margin_s"] / 2) / 60.0)
         cfg = load_config(exp.base, experiment.run_overrides(exp, name, run_dir, [
             *q["extra"], *schedule, f"train.exit_duration_minutes={limit_min:.3f}"]), world_size=1)
+        # Each run's peak memory is its own: without a reset, CoLA's and CoLA-M's would include the earlier runs'.
+        metrics.reset_peak_memory(device)
         trainer = train_run(cfg)
         reached[name] = trainer.state.iteration
         summary = compare.summarize(compare.load_run(name, Path(run_dir) / name))

@@ -1,4 +1,5 @@
-"""Compatibility: the CPU bridge (``cpu``) and quieting megatron-core's notices that no user can act on."""
+"""Compatibility: the CPU bridge (``cpu``), torch's CPU attention kernels under a lowered ATen capability
+(``sdpa``), and quieting megatron-core's notices that no user can act on."""
 
 import warnings
 

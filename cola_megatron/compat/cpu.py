@@ -1,8 +1,9 @@
 """Run megatron-core on a machine without CUDA (CPU tensors, gloo collectives).
 
 megatron-core assumes CUDA in a small number of places. Each patch below names the megatron-core (or torch.cuda)
-function it bridges and why. `install()` applies them once per process and only when CUDA is absent, so on a GPU
-it does nothing. Call it before building models or process groups.
+function it bridges and why. `install()` applies them once per process; it is called for work that runs on the CPU
+(`training.distributed.initialize_distributed` with a CPU device), whether or not the machine also has a GPU, and
+never for work on a GPU. Call it before building models or process groups.
 """
 
 from __future__ import annotations
@@ -190,11 +191,17 @@ def stub_triton_consumers():
         sys.modules.setdefault(name, types.ModuleType(name))
 
 
+def installed() -> bool:
+    """Whether this process runs megatron-core on the CPU through the bridge."""
+    return _installed
+
+
 def install() -> bool:
-    """Apply the bridge when CUDA is absent. Returns True when it was (or already is) applied."""
+    """Apply the bridge: this process's megatron-core work runs on the CPU. Chosen by the device the work runs on,
+    not by whether CUDA is available: CPU tools (resharding, the comm report, ``gpu_check --cpu``, the tests) also
+    run on GPU machines, where an unpatched megatron-core would place tensors on ``cuda:0`` beside CPU ones.
+    Returns True (kept for callers that read it)."""
     global _installed
-    if torch.cuda.is_available():
-        return False
     if _installed:
         return True
     stub_triton_consumers()

@@ -76,6 +76,38 @@ def load_optimizer_state(optimizer, state_dict) -> None:
                 state["step"] = state["step"].clone()
 
 
+def batched_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """A drop-in for ``amp_C.multi_tensor_l2norm`` (as called by megatron's ``get_grad_norm_fp32``): the L2 norm of
+    all tensors of ``tensor_lists[0]`` together, as a one-element fp32 tensor on their device, without a host sync.
+
+    megatron-core's fallback without apex or Transformer Engine (``utils.local_multi_tensor_l2_norm``, 0.16.1)
+    builds a host tensor from one device scalar per tensor (``torch.tensor(l2)``): a device-to-host sync per
+    parameter tensor in every step. Here the per-tensor norms come from one ``torch._foreach_norm`` (fp32
+    accumulation) and their norm stays on the device; ``get_grad_norm_fp32``'s own ``.item()`` after its
+    all-reduce is the step's one sync."""
+    tensors = tensor_lists[0]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float32), None
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+def use_batched_grad_norm() -> bool:
+    """Give megatron's gradient norm :func:`batched_l2_norm` where it fell back to its per-tensor local version
+    (no apex/TE). Where apex or Transformer Engine is installed, their fused ``multi_tensor_l2norm`` is kept.
+    Returns whether the fallback was replaced (now or before)."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    current = getattr(clip_grads, "l2_norm_impl", None)
+    if current is batched_l2_norm:
+        return True
+    if current is None or current is not getattr(utils, "local_multi_tensor_l2_norm", None):
+        return False
+    clip_grads.l2_norm_impl = batched_l2_norm
+    return True
+
+
 @torch.no_grad()
 def step_if_finite(optimizer, clip: float, bf16_grads: bool = False):
     """megatron's optimizer step in its stages, not applied when the gradient norm is NaN/inf: 0.16.1's fp32 and
@@ -93,10 +125,8 @@ def step_if_finite(optimizer, clip: float, bf16_grads: bool = False):
         return False, norm
     if clip > 0 and bf16_grads:
         if norm > clip:
-            coeff = clip / (norm + 1e-6)
-            for param in optimizer.get_parameters():
-                if param.grad is not None:
-                    param.grad.mul_(coeff)
+            grads = [param.grad for param in optimizer.get_parameters() if param.grad is not None]
+            torch._foreach_mul_(grads, clip / (norm + 1e-6))
     elif clip > 0:
         for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
             params = opt.get_parameters()

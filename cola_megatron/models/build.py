@@ -21,8 +21,10 @@ def params_dtype(cfg: Config) -> torch.dtype:
 
 def transformer_config(cfg: Config, use_cpu_initialization: Optional[bool] = None) -> CoLATransformerConfig:
     m, p = cfg.model, cfg.parallel
-    if use_cpu_initialization is None:
-        use_cpu_initialization = not torch.cuda.is_available()
+    if use_cpu_initialization is None:  # CPU work (the bridge installed) also on a machine that has a GPU
+        from cola_megatron.compat import cpu as cpu_bridge
+
+        use_cpu_initialization = cpu_bridge.installed() or not torch.cuda.is_available()
     recompute = {"full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)}
     return CoLATransformerConfig(
         num_layers=m.num_layers,

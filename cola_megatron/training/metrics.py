@@ -2,60 +2,101 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
 import os
+import re
 import resource
 import secrets
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Dict, Optional
 
 import torch
 
-# Dense bf16 tensor-core peaks (TFLOP/s) by substring of torch.cuda.get_device_name(); first match wins.
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by torch.cuda.get_device_name(device), e.g. "NVIDIA H100 80GB
+# HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB". Patterns match
+# whole words, so "H200" is not "GH200" nor "H20", and "L4" is not "L40S"; first match wins, so a form factor
+# (PCIe, NVL) comes before its chip's SXM entry.
 PEAK_BF16_TFLOPS = (
-    ("GB200", 2450.0),
-    ("B200", 2250.0),
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("H800", 989.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("A10", 125.0),
-    ("RTX 4090", 165.0),
-    ("V100", 125.0),
+    (r"\bGB200\b", 2450.0),
+    (r"\bB200\b", 2250.0),
+    (r"\bGH200\b", 989.0),
+    (r"\bH200\b.*\bNVL\b", 835.0),
+    (r"\bH200\b", 989.0),
+    (r"\bH100\b.*\bNVL\b", 835.0),
+    (r"\bH100\b.*\bPCIe\b", 756.0),
+    (r"\bH100\b", 989.0),
+    (r"\bH800\b.*\bPCIe\b", 756.0),
+    (r"\bH800\b", 989.0),
+    (r"\bH20\b", 148.0),
+    (r"\bA100\b", 312.0),
+    (r"\bA800\b", 312.0),
+    (r"\bL40S\b", 362.0),
+    (r"\bL40\b", 181.0),
+    (r"\bL4\b", 121.0),
+    (r"\bA10\b", 125.0),
+    (r"\bRTX 4090\b", 165.0),
+    (r"\bV100\b", 125.0),
 )
 
 
-def peak_tflops(override: Optional[float] = None) -> Optional[float]:
-    """Per-device peak for MFU: the override, else looked up from the GPU's name; None on CPU or unknown GPUs."""
-    if override:
-        return override
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, value in PEAK_BF16_TFLOPS:
-        if key in name:
+def peak_tflops_of(name: str) -> Optional[float]:
+    """The dense bf16 peak of a GPU by the name torch reports for it; None when unknown."""
+    for pattern, value in PEAK_BF16_TFLOPS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
             return value
     return None
 
 
-def peak_memory_gib(device: torch.device) -> Dict[str, Optional[float]]:
-    """Peak allocated and reserved memory (GiB) since the start. On CPU the process's peak resident set stands for
-    "allocated"; there is no allocator cache, so "reserved" is None."""
+def peak_tflops(override: Optional[float] = None, device: Optional[torch.device] = None) -> Optional[float]:
+    """Per-device peak for MFU: the override, else looked up from the name of the GPU the work runs on; None for
+    work on a CPU (also on a machine that has a GPU) and for unknown GPUs."""
+    if override:
+        return override
+    if device is None or device.type != "cuda":
+        return None
+    return peak_tflops_of(torch.cuda.get_device_name(device))
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """Peak memory of the device the work runs on: the one record the trainer, cola-bench and the GPU check use.
+
+    On CUDA: the caching allocator's peak allocated and reserved bytes since the last :func:`reset_peak_memory`,
+    so ``since_reset`` is True and one run's peak can be told from another's in one process. On CPU the process's
+    peak resident set stands for "allocated" (never reset, so ``since_reset`` is False), and there is no allocator
+    cache: ``reserved_gib`` is None."""
+
+    allocated_gib: float
+    reserved_gib: Optional[float]
+    since_reset: bool
+
+    def record(self) -> Dict[str, Optional[float]]:
+        """The fields of a metrics.jsonl ``train`` record."""
+        return {"peak_mem_gib": self.allocated_gib, "peak_mem_reserved_gib": self.reserved_gib}
+
+
+def peak_memory(device: torch.device) -> PeakMemory:
     if device.type == "cuda":
-        return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                "peak_mem_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+        return PeakMemory(allocated_gib=torch.cuda.max_memory_allocated(device) / 2**30,
+                          reserved_gib=torch.cuda.max_memory_reserved(device) / 2**30, since_reset=True)
     # Linux reports KiB.
-    return {"peak_mem_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "peak_mem_reserved_gib": None}
+    return PeakMemory(allocated_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, reserved_gib=None,
+                      since_reset=False)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: what an earlier run in this process freed is collected and its cached blocks returned, so
+    the next :func:`peak_memory` is the next run's own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def throughput(tokens: int, seconds: float, world_size: int, flops_per_token: float,

@@ -46,7 +46,11 @@ class StepProfiler:
         self.active = p.enabled and rank in p.ranks
         self.rank = rank
         self.dir = profile_dir(cfg)
-        self.memory = p.memory_snapshot and device.type == "cuda" and torch.cuda.is_available()
+        # By the work's device, not by whether the machine has a GPU.
+        cuda = device.type == "cuda"
+        self.cuda_activity = cuda
+        self.sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        self.memory = p.memory_snapshot and cuda
         self._prof = None
         self._label = None
         self.done = False
@@ -80,7 +84,7 @@ class StepProfiler:
 
         os.makedirs(self.dir, exist_ok=True)
         activities = [ProfilerActivity.CPU]
-        if torch.cuda.is_available():
+        if self.cuda_activity:
             activities.append(ProfilerActivity.CUDA)
         if self.memory:
             torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
@@ -91,9 +95,8 @@ class StepProfiler:
     def _finish(self) -> None:
         prof, self._prof = self._prof, None
         prof.stop()  # writes the trace through on_trace_ready
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         with open(os.path.join(self.dir, f"rank{self.rank}.ops.txt"), "w") as f:
-            f.write(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+            f.write(prof.key_averages().table(sort_by=self.sort_by, row_limit=40) + "\n")
         if self.memory:
             torch.cuda.memory._dump_snapshot(os.path.join(self.dir, f"rank{self.rank}.memory_snapshot.pickle"))
             torch.cuda.memory._record_memory_history(enabled=None)

@@ -21,13 +21,13 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from cola_megatron.compat.megatron import step_if_finite
+from cola_megatron.compat.megatron import step_if_finite, use_batched_grad_norm
 from cola_megatron.config import Config
 from cola_megatron.errors import TrainingStopped
 from cola_megatron.training.batches import MicroBatches
 from cola_megatron.training.checkpoint import CheckpointManager, ResumePoint, schedule_differences
 from cola_megatron.training import metrics
-from cola_megatron.training.metrics import MetricsSink, format_train_line, peak_memory_gib, peak_tflops, throughput
+from cola_megatron.training.metrics import MetricsSink, format_train_line, peak_memory, peak_tflops, throughput
 from cola_megatron.training.stop import early_signal
 from cola_megatron.training.profiling import StepProfiler, window_finished
 from cola_megatron.models.accounting import count_parameters, hardware_flops_per_token, training_flops_per_token
@@ -191,6 +191,7 @@ class Trainer:
             use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
             overlap_param_gather_with_optimizer_step=False,
         )
+        use_batched_grad_norm()  # step_if_finite computes the norm every step: no host sync per tensor
         return get_megatron_optimizer(config, self.model)
 
     def _build_scheduler(self):
@@ -497,7 +498,7 @@ class Trainer:
             # tokens_per_s, tokens_per_s_per_gpu, tflops_per_gpu, mfu and hfu (hardware FLOPs: recomputation counted)
             **throughput(interval.steps * self.tokens_per_step, train_s, self.world_size, self.flops_per_token,
                          peak, self.hardware_flops_per_token),
-            **peak_memory_gib(self.device),
+            **peak_memory(self.device).record(),
             "skipped": self.state.skipped_iters,
             "loss_scale": float(self.optimizer.get_loss_scale()) if fp16 else None,
         }
@@ -518,7 +519,7 @@ class Trainer:
         stop = _StopSignal()
         profiler = StepProfiler(cfg, self.rank, self.device)
         profile_reported = False
-        peak = peak_tflops(cfg.logging.peak_tflops)
+        peak = peak_tflops(cfg.logging.peak_tflops, self.device)
         started = time.monotonic()
         interval = _Interval(started)
         reason = "finished"

@@ -17,6 +17,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from cola_megatron.compat.sdpa import attention_kernels
+
 
 class SDPAttention(MegatronModule):
     def __init__(
@@ -56,16 +58,17 @@ class SDPAttention(MegatronModule):
         mask = None
         if not causal and attention_mask is not None:
             mask = ~attention_mask  # megatron masks are True where attention is forbidden
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
-            is_causal=causal,
-            scale=self.scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
+        with attention_kernels(q):
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=self.dropout_p if self.training else 0.0,
+                is_causal=causal,
+                scale=self.scale,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
         # [b, h, s, d] -> [s, b, h*d]
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

@@ -74,7 +74,7 @@ def rng_state() -> dict:
 
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # this process uses the GPU (not CPU work on a machine that has one)
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -85,7 +85,7 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
+    if torch.cuda.is_initialized() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
