@@ -31,7 +31,7 @@ class ModelConfig:
     num_layers: int = 8
     num_attention_heads: int = 8
     num_query_groups: Optional[int] = None
-    """Grouped-query attention for the dense baseline; CoLA follows the paper (multi-head, null)."""
+    """Grouped-query attention: k and v heads (null: one per query head, multi-head attention as in the paper)."""
     rank: int = 128
     """CoLA bottleneck width r."""
     only_lr_act: bool = False
@@ -436,19 +436,16 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if m.rank > min(m.hidden_size, m.padded_ffn_hidden_size):
             _fail("model.rank", f"{m.rank} exceeds the smallest projection width "
                   f"{min(m.hidden_size, m.padded_ffn_hidden_size)}", "use a rank below the hidden size (paper: d/4)")
-        if m.num_query_groups not in (None, m.num_attention_heads):
-            _fail("model.num_query_groups", "CoLA follows the paper's multi-head attention",
-                  "leave model.num_query_groups null for arch=cola")
         if m.recompute == "cola_m" and (m.attention_dropout or m.hidden_dropout):
             _fail("model.recompute", "cola_m recomputes without replaying dropout masks",
                   "set model.attention_dropout=0 and model.hidden_dropout=0 (the paper uses none), or recompute=full")
     else:
         if m.recompute == "cola_m":
             _fail("model.recompute", "cola_m needs CoLA projections", "use recompute=full or none with arch=dense")
-        if m.num_query_groups is not None:
-            _positive("model.num_query_groups", m.num_query_groups)
-            _divides("model.num_attention_heads", m.num_attention_heads, "model.num_query_groups",
-                     m.num_query_groups, "choose a number of query groups that divides the heads")
+    if m.num_query_groups is not None:
+        _positive("model.num_query_groups", m.num_query_groups)
+        _divides("model.num_attention_heads", m.num_attention_heads, "model.num_query_groups",
+                 m.num_query_groups, "choose a number of query groups that divides the heads")
 
     tp, pp = p.tensor_parallel, p.pipeline_parallel
     _positive("parallel.tensor_parallel", tp)
@@ -457,7 +454,8 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     fix_tp = "choose a parallel.tensor_parallel that divides it"
     _divides("model.num_attention_heads", m.num_attention_heads, "parallel.tensor_parallel", tp, fix_tp)
     if m.num_query_groups is not None:
-        _divides("model.num_query_groups", m.num_query_groups, "parallel.tensor_parallel", tp, fix_tp)
+        _divides("model.num_query_groups", m.num_query_groups, "parallel.tensor_parallel", tp,
+                 "choose a parallel.tensor_parallel that divides it (each TP rank holds whole k/v groups)")
     _divides("model.ffn_hidden_size (after ffn_multiple_of padding)", m.padded_ffn_hidden_size,
              "parallel.tensor_parallel", tp, "set model.ffn_multiple_of to a multiple of tensor_parallel, or change TP")
     _divides("model.vocab_size", m.vocab_size, "parallel.tensor_parallel", tp,

@@ -44,12 +44,16 @@ def describe_layout(cfg: Config, world_size: Optional[int] = None) -> List[str]:
 
 
 def dry_run(cfg: Config, world_size: Optional[int]) -> None:
-    from cola_megatron.models.accounting import count_parameters, training_flops_per_token
+    from cola_megatron.models.accounting import count_parameters, kv_cache_elements_per_token, training_flops_per_token
 
     n = count_parameters(cfg.model)
     m = cfg.model
     print(f"config ok: {m.arch} d={m.hidden_size} ffn={m.padded_ffn_hidden_size} layers={m.num_layers} "
-          f"heads={m.num_attention_heads}" + (f" rank={m.rank} only_lr_act={m.only_lr_act}" if m.arch == "cola" else ""))
+          f"heads={m.num_attention_heads}"
+          + (f" query_groups={m.num_query_groups}" if m.num_query_groups not in (None, m.num_attention_heads) else "")
+          + (f" rank={m.rank} only_lr_act={m.only_lr_act}" if m.arch == "cola" else ""))
+    print(f"KV cache per token: {kv_cache_elements_per_token(m):,} elements (k and v of "
+          f"{m.num_query_groups or m.num_attention_heads} heads x {m.num_layers} layers)")
     print(f"parameters: {n.total:,} ({n.total / 1e6:.1f}M; embedding {n.embedding / 1e6:.1f}M, "
           f"output layer {n.output_layer / 1e6:.1f}M, blocks {n.layers / 1e6:.1f}M)")
     print(f"training FLOPs per token: {training_flops_per_token(m):.4g}")

@@ -231,7 +231,7 @@ def plan(*args: str, files: Dict[str, bytes] = None):
 SAVED_ITERS = 2
 
 
-def resume(*overrides: str, damage: Callable[[Path], None] = None, command: str = "train"):
+def resume(*overrides: str, damage: Callable[[Path], None] = None, command: str = "train", convert_args=()):
     """The saved run copied to work/ (config, data, ckpt/), ``damage(shard)`` applied to the last checkpoint's
     first shard, then cola-train resuming it for two more iterations, or ``cola-convert to-hf`` exporting it."""
     def setup(work: Path) -> List[str]:
@@ -239,9 +239,33 @@ def resume(*overrides: str, damage: Callable[[Path], None] = None, command: str 
         if damage:
             damage(work / "ckpt" / f"iter_{SAVED_ITERS:07d}" / "__0_0.distcp")
         if command == "to-hf":
-            return ["cola-convert", "to-hf", "ckpt", "hf", "--no-tokenizer"]
+            return ["cola-convert", "to-hf", "ckpt", "hf", "--no-tokenizer", *convert_args]
+        if command == "reshard":
+            return ["cola-convert", "reshard", "ckpt", "out", *convert_args]
         return ["cola-train", "--config", "run.yaml", f"train.train_iters={SAVED_ITERS + 2}", *overrides]
     return setup
+
+
+def claim_query_groups(shard: Path) -> None:
+    """The checkpoint's config says grouped-query attention (2 k/v groups for 4 heads); to-hf refuses what it asks
+    from the config alone, before any tensor is read."""
+    import yaml
+
+    config = shard.parent / "cola_config.yaml"
+    values = yaml.safe_load(config.read_text())
+    values["model"]["num_query_groups"] = 2
+    config.write_text(yaml.safe_dump(values))
+
+
+def reference_dir_claiming_gqa(work: Path) -> List[str]:
+    """A Hugging Face directory in the reference implementation's layout (no auto_map naming this project's
+    modeling code) whose config.json claims 2 k/v heads for 4 query heads."""
+    (work / "ref").mkdir()
+    (work / "ref" / "config.json").write_text(json.dumps({
+        "model_type": "cola", "architectures": ["ColaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rank": 16}))
+    return ["cola-convert", "from-hf", "ref", "out"]
 
 
 def truncate_shard(shard: Path) -> None:
@@ -417,6 +441,20 @@ CASES = [
          r"holds NaN/inf weights .*Fix: convert an earlier checkpoint", checkpoint=True),
     Case("to-hf-truncated-shard", resume(damage=truncate_shard, command="to-hf"), 2,
          r"__0_0\.distcp has \d+ bytes", checkpoint=True),
+    # Grouped-query attention (issue: CoLA on the Llama-3 shape)
+    Case("gqa-groups-not-dividing-heads", train("model.num_query_groups=3"), 2,
+         r"model\.num_attention_heads: 4 is not divisible by model\.num_query_groups=3"),
+    Case("gqa-tp-not-dividing-groups", train("model.num_query_groups=2", "parallel.tensor_parallel=4"), 2,
+         r"model\.num_query_groups: 2 is not divisible by parallel\.tensor_parallel=4.*whole k/v groups"),
+    Case("to-hf-reference-layout-of-gqa",
+         resume(damage=claim_query_groups, command="to-hf", convert_args=("--reference-layout",)), 2,
+         r"num_query_groups=2 .*reference implementation cannot represent grouped-query attention", checkpoint=True),
+    Case("reshard-tp-beyond-query-groups",
+         resume(damage=claim_query_groups, command="reshard", convert_args=("--tp", "4")), 2,
+         r"cannot be laid out at TP=4 PP=1: model\.num_query_groups: 2 is not divisible by parallel\.tensor_parallel=4",
+         checkpoint=True),
+    Case("from-hf-reference-layout-claiming-gqa", reference_dir_claiming_gqa, 2,
+         r"reference implementation's layout but claims grouped-query attention .*cannot represent"),
 ]
 
 

@@ -18,14 +18,18 @@ SHAPE = dict(hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, rank=16
 MICRO_BATCH = 2
 SEED = 7
 
-# (tensor_parallel, sequence_parallel, cola_tp_scheme, only_lr_act)
+# (tensor_parallel, sequence_parallel, cola_tp_scheme, only_lr_act, num_query_groups)
 LAYOUTS = [
-    (1, False, "bottleneck", False),
-    (1, False, "bottleneck", True),
-    (2, False, "bottleneck", False),
-    (2, True, "bottleneck", False),
-    (2, False, "pair", False),
-    (2, True, "pair", False),
+    (1, False, "bottleneck", False, None),
+    (1, False, "bottleneck", True, None),
+    (2, False, "bottleneck", False, None),
+    (2, True, "bottleneck", False, None),
+    (2, False, "pair", False, None),
+    (2, True, "pair", False, None),
+    # grouped-query attention (4 heads in 2 groups): the k/v branches are narrower, z still 3r wide
+    (1, False, "bottleneck", False, 2),
+    (2, True, "bottleneck", False, 2),
+    (2, True, "pair", False, 2),
 ]
 
 
@@ -71,7 +75,7 @@ def _mismatches(reference: dict, other: dict) -> list:
     return [f"{name}: {mismatch}" for name, mismatch in mismatches if mismatch]
 
 
-def _layout_case(tp, sp, scheme, only_lr_act):
+def _layout_case(tp, sp, scheme, only_lr_act, groups):
     """One forward/backward with and without CoLA-M at one TP layout: gradients, loss and eval output."""
     from cola_megatron.training.distributed import initialize_distributed
 
@@ -79,7 +83,7 @@ def _layout_case(tp, sp, scheme, only_lr_act):
     (tokens,) = _tokens()
     grads, losses, eval_logits = {}, {}, {}
     for recompute in ("none", "cola_m"):
-        model = _build(_config(recompute, tp, sp, scheme, only_lr_act))
+        model = _build(_config(recompute, tp, sp, scheme, only_lr_act, num_query_groups=groups))
         loss = model(tokens, _positions(), None, labels=tokens).mean()
         loss.backward()
         grads[recompute], losses[recompute] = _gradients(model), loss.item()
@@ -89,15 +93,15 @@ def _layout_case(tp, sp, scheme, only_lr_act):
         "mismatches": _mismatches(grads["none"], grads["cola_m"]),
         "losses": losses,
         "eval_equal": torch.equal(eval_logits["none"], eval_logits["cola_m"]),
-        "state_dict_keys_equal": _state_dict_keys(tp, sp, scheme),
+        "state_dict_keys_equal": _state_dict_keys(tp, sp, scheme, groups),
     }
 
 
-def _state_dict_keys(tp, sp, scheme) -> bool:
+def _state_dict_keys(tp, sp, scheme, groups=None) -> bool:
     """Checkpoints are interchangeable between recompute modes: same state_dict and sharded_state_dict keys."""
     keys = []
     for recompute in ("none", "cola_m"):
-        model = _build(_config(recompute, tp, sp, scheme))
+        model = _build(_config(recompute, tp, sp, scheme, num_query_groups=groups))
         keys.append((sorted(model.state_dict()), sorted(model.sharded_state_dict())))
     return keys[0] == keys[1]
 
@@ -143,7 +147,7 @@ def _pipeline_case():
             "parameters": len(grads["none"])}
 
 
-def _stored_elements(recompute: str, num_layers: int = 2):
+def _stored_elements(recompute: str, num_layers: int = 2, groups=None):
     """Elements saved for backward by a TransformerBlock of CoLA layers (unique storages, parameters excluded)."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.transformer.transformer_block import TransformerBlock
@@ -151,7 +155,7 @@ def _stored_elements(recompute: str, num_layers: int = 2):
     from cola_megatron.models.build import transformer_config
     from cola_megatron.models.spec import block_spec
 
-    cfg = _config(recompute, num_layers=num_layers)
+    cfg = _config(recompute, num_layers=num_layers, num_query_groups=groups)
     tconfig = transformer_config(cfg)
     block = TransformerBlock(tconfig, block_spec(tconfig), post_layer_norm=False)
     parameters = {p.untyped_storage().data_ptr() for p in block.parameters()}
@@ -176,6 +180,7 @@ def _memory_case():
 
     initialize_distributed(seed=SEED)
     counts = {recompute: _stored_elements(recompute) for recompute in ("none", "cola_m", "full")}
+    counts |= {f"{recompute}_gqa": _stored_elements(recompute, groups=2) for recompute in ("none", "cola_m")}
     return {recompute: elements for recompute, (elements, _) in counts.items()} | {"rotary": counts["none"][1]}
 
 
@@ -292,8 +297,13 @@ def compiled():
     return run_distributed(_guarded, 2, _compile_case)
 
 
+def layout_id(layout) -> str:
+    tp, sp, scheme, only, groups = layout
+    return f"tp{tp}-sp{int(sp)}-{scheme}-only_lr_act{int(only)}" + (f"-groups{groups}" if groups else "")
+
+
 @pytest.mark.numerics
-@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"tp{l[0]}-sp{int(l[1])}-{l[2]}-only_lr_act{int(l[3])}")
+@pytest.mark.parametrize("layout", LAYOUTS, ids=layout_id)
 def test_gradients_equal_to_no_recompute(results, layout):
     for rank, result in enumerate(results):
         case = _case(result["layouts"][layout], rank)
@@ -312,7 +322,7 @@ def test_gradients_equal_with_pipeline_parallel_1f1b(results):
     assert results[1]["pipeline"]["losses"]["none"], "the last stage reports the micro-batch losses"
 
 
-@pytest.mark.parametrize("layout", [l for l in LAYOUTS if not l[3]], ids=lambda l: f"tp{l[0]}-sp{int(l[1])}-{l[2]}")
+@pytest.mark.parametrize("layout", [l for l in LAYOUTS if not l[3]], ids=layout_id)
 def test_checkpoint_keys_identical_across_recompute_modes(results, layout):
     assert all(_case(result["layouts"][layout], rank)["state_dict_keys_equal"] for rank, result in enumerate(results))
 
@@ -329,6 +339,10 @@ def test_stored_activations_at_most_2d_plus_7r_per_token(results):
     # The documented constant: the rotary table (seq × head_dim), saved once and shared by all layers.
     assert memory["cola_m"] <= layers * tokens * (2 * d + 7 * r) + memory["rotary"]
     assert memory["cola_m"] < memory["none"]
+    # Grouped-query attention (2 groups of 2 heads): CoLA-M keeps the same 2d + 7r (the z's are r wide whatever
+    # the k/v width); without recomputation k and v after the projection are half as wide: 2 · (d - d/2) fewer.
+    assert memory["cola_m_gqa"] == memory["cola_m"]
+    assert memory["none"] - memory["none_gqa"] == layers * tokens * 2 * (d - d // 2)
 
 
 @pytest.mark.numerics

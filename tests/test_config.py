@@ -34,10 +34,31 @@ def test_paper_parameter_counts(size):
     assert dense == pytest.approx(dense_m, abs=tol)
 
 
-@pytest.mark.parametrize("size", PAPER_COUNTS)
-def test_cola_m_configs_are_cola_plus_recompute(size):
-    cola = load_config(f"configs/cola/llama_{size}.yaml")
-    cola_m = load_config(f"configs/cola_m/llama_{size}.yaml")
+def llama3_8b_counts(d=4096, f=14336, layers=32, heads=32, groups=8, vocab=128256, r=1024):
+    """Parameter counts of the Llama-3-8B shape written out: (CoLA, dense)."""
+    kv = d // heads * groups
+    widths = [(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)]  # q k v o gate up down: (d_in, d_out)
+    norms = 2 * d
+    cola_layer = sum(r * (d_in + d_out) for d_in, d_out in widths) + norms
+    dense_layer = sum(d_in * d_out for d_in, d_out in widths) + norms
+    outside = 2 * vocab * d + d  # untied embedding and output layer, final norm
+    return outside + layers * cola_layer, outside + layers * dense_layer
+
+
+def test_llama3_8b_parameter_counts():
+    cola_count, dense_count = llama3_8b_counts()
+    cola = load_config("configs/cola/llama3_8b.yaml").model
+    dense = load_config("configs/dense/llama3_8b.yaml").model
+    assert (cola.num_query_groups, cola.vocab_size, cola.seq_length, cola.rope_theta, cola.rank) == (
+        8, 128256, 8192, 500000.0, 1024)
+    assert count_parameters(cola).total == cola_count == 3_735_293_952
+    assert count_parameters(dense).total == dense_count == 8_030_261_248  # Llama-3-8B's 8.03B
+
+
+@pytest.mark.parametrize("name", [f"llama_{size}" for size in PAPER_COUNTS] + ["llama3_8b"])
+def test_cola_m_configs_are_cola_plus_recompute(name):
+    cola = load_config(f"configs/cola/{name}.yaml")
+    cola_m = load_config(f"configs/cola_m/{name}.yaml")
     assert cola_m.model.recompute == "cola_m"
     cola_m.model.recompute = "none"
     assert cola_m.model == cola.model
@@ -79,7 +100,8 @@ BAD = [
     ({"model": {"hidden_size": 100, "num_attention_heads": 8}}, None, "model.hidden_size: 100 is not divisible by model.num_attention_heads=8"),
     ({"model": {"rank": 0}}, None, "model.rank: must be > 0"),
     ({"model": {"rank": 4096}}, None, "model.rank: 4096 exceeds"),
-    ({"model": {"num_query_groups": 2}}, None, "model.num_query_groups: CoLA follows the paper's multi-head attention"),
+    ({"model": {"num_query_groups": 3}}, None, "model.num_attention_heads: 8 is not divisible by model.num_query_groups=3"),
+    ({"model": {"num_query_groups": 2}, "parallel": {"tensor_parallel": 4}}, None, "model.num_query_groups: 2 is not divisible by parallel.tensor_parallel=4"),
     ({"model": {"recompute": "some"}}, None, "model.recompute: 'some' is not one of"),
     ({"model": {"recompute": "cola_m", "hidden_dropout": 0.1}}, None, "model.recompute: cola_m recomputes without replaying dropout masks"),
     ({"model": {"arch": "dense", "recompute": "cola_m"}}, None, "model.recompute: cola_m needs CoLA projections"),
@@ -145,7 +167,8 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("config", ["configs/cola/llama_7b.yaml", "configs/dense/llama_7b.yaml",
-                                    "configs/cola_m/llama_1b.yaml", "configs/demo.yaml"])
+                                    "configs/cola_m/llama_1b.yaml", "configs/demo.yaml",
+                                    "configs/cola/llama3_8b.yaml", "configs/dense/llama3_8b.yaml"])
 def test_dry_run_validates_and_allocates_nothing(config):
     # A 7B model would need tens of GB; the dry run must stay tiny (its RSS is checked via ulimit-free bound).
     code = (
@@ -162,6 +185,11 @@ def test_dry_run_validates_and_allocates_nothing(config):
     assert "tensor_parallel=" in out.stdout
     rss = int(out.stdout.split("maxrss_mib")[1].split()[0])
     assert rss < 2048, f"dry run used {rss} MiB"
+    if "llama3_8b" in config:  # grouped-query attention: 8 k/v heads, the KV cache a quarter of 32 heads'
+        cola_count, dense_count = llama3_8b_counts()
+        assert f"parameters: {cola_count if '/cola/' in config else dense_count:,} " in out.stdout
+        assert "heads=32 query_groups=8" in out.stdout
+        assert f"KV cache per token: {2 * 8 * 128 * 32:,} elements" in out.stdout
 
 
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in REPO.glob("configs/[cd]*/*.yaml")))

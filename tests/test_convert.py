@@ -50,11 +50,11 @@ def cola_m_layout(state, num_layers):
     return out
 
 
-def run_config(only_lr_act: bool, tokenizer=None):
+def run_config(only_lr_act: bool, tokenizer=None, **model):
     from cola_megatron.config import config_from_dict
 
     return config_from_dict({
-        "model": dict(MODEL, only_lr_act=only_lr_act),
+        "model": dict(MODEL, only_lr_act=only_lr_act, **model),
         "train": dict(precision="fp32", seed=SEED),
         "data": dict(mock=True, tokenizer=tokenizer),
     })
@@ -219,6 +219,30 @@ def _convert_everything(root):
             "hf": _hf_outputs(export, tokens),
             "export_state": _read_export(export),
         }
+
+    # Grouped-query attention (4 heads, 2 k/v groups): initial weights resharded to TP2 (one group per rank),
+    # exported, read back and exported again.
+    gqa_cfg = run_config(False, num_query_groups=2)
+    tp1, source = os.path.join(root, "gqa/tp1"), os.path.join(root, "gqa/tp2")
+    megatron_io.write_full_state(_initial_state(gqa_cfg), gqa_cfg, tp1)
+    assert cli.main(["reshard", tp1, source, "--tp", "2"]) == 0
+    export, back, again = (os.path.join(root, f"gqa/{name}") for name in ("hf", "back", "hf-again"))
+    assert cli.main(["to-hf", source, export, "--no-tokenizer"]) == 0
+    assert cli.main(["from-hf", export, back]) == 0
+    assert cli.main(["to-hf", back, again, "--no-tokenizer"]) == 0
+    results["gqa"] = {
+        "config": json.load(open(os.path.join(export, "config.json"))),
+        "initial": _state(_tp1_model(tp1)),
+        "roundtrip": _state(_tp1_model(back)),
+        "roundtrip_config": ckpt_lib.read_checkpoint_config(ckpt_lib.resolve_checkpoint(back)).model.num_query_groups,
+        "megatron_logits": _megatron_logits(_tp1_model(source), tokens),
+        "hf": _hf_outputs(export, tokens),
+        "export_state": _read_export(export),
+        "export_again_state": _read_export(again),
+        "files": (sorted(os.listdir(export)), sorted(os.listdir(again))),
+        "same_bytes": {name: open(os.path.join(export, name), "rb").read() == open(os.path.join(again, name), "rb").read()
+                       for name in ("model.safetensors", "config.json")},
+    }
 
     # A reference-written directory: pytorch_model.bin, the reference's config spellings (no only_lr_act, which the
     # reference defaults to true; the weights are those of the only_lr_act=True run), a rotary buffer, the
@@ -397,6 +421,30 @@ def test_hf_logits_equal_megatron_logits(converted, tag):
     assert hf["logits"].dtype == torch.float32
     torch.testing.assert_close(hf["logits"], result["megatron_logits"], atol=1e-4, rtol=0)
     assert hf["generated"] == (1, 8)
+
+
+def test_grouped_query_attention_exports_and_reads_back_exactly(converted):
+    """A GQA model resharded to TP2 (a k/v group per rank): the export carries num_key_value_heads and narrow k/v,
+    its logits are megatron's, and export → from-hf → export is bit-identical, as is the checkpoint read back."""
+    result = converted["gqa"]
+    config = result["config"]
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
+    export = result["export_state"]
+    assert export["model.layers.0.self_attn.k_proj.cola_b"].shape == (16, 32)
+    assert export["model.layers.0.self_attn.q_proj.cola_b"].shape == (16, 64)
+    hf = result["hf"]
+    assert not hf["module"].startswith("cola_megatron")
+    torch.testing.assert_close(hf["logits"], result["megatron_logits"], atol=1e-4, rtol=0)
+    assert hf["generated"] == (1, 8)
+    assert result["roundtrip_config"] == 2
+    assert set(result["roundtrip"]) == set(result["initial"])
+    assert any(name.endswith("linear_qkv.b_kv_weight") for name in result["initial"])
+    for name, tensor in result["initial"].items():
+        assert torch.equal(result["roundtrip"][name], tensor), name
+    again = result["export_again_state"]
+    assert set(again) == set(export) and all(torch.equal(again[k], v) for k, v in export.items())
+    assert result["files"][0] == result["files"][1]
+    assert result["same_bytes"] == {"model.safetensors": True, "config.json": True}
 
 
 def test_only_lr_act_changes_the_model(converted):
@@ -633,3 +681,35 @@ def test_tool_script_reports_errors(tmp_path):
                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_reference_layout_export_ships_no_code_and_refuses_gqa(tmp_path):
+    """``to-hf --reference-layout``: the same tensors and config for the reference's own code, without auto_map or
+    shipped modeling files; read back as a reference directory. A GQA model is refused by what the reference
+    cannot represent, and so is a reference-layout directory claiming GQA, while an export claiming it is read."""
+    from cola_megatron.config import ModelConfig
+    from cola_megatron.convert import ConversionError, hf_io, names
+    from cola_megatron.hf.configuration_cola import ColaConfig
+    from cola_megatron.hf.modeling_cola import ColaForCausalLM
+
+    mha = ModelConfig(hidden_size=32, ffn_hidden_size=48, num_layers=1, num_attention_heads=2, rank=8, vocab_size=64)
+    fields = names.hf_config_fields(mha, reference_layout=True)
+    hf_io.write_export(str(tmp_path / "ref"), ColaForCausalLM(ColaConfig(**fields)).state_dict(), fields,
+                       ship_code=False)
+    raw = json.loads((tmp_path / "ref" / "config.json").read_text())
+    assert "auto_map" not in raw and not names.is_export(raw)
+    assert not {"configuration_cola.py", "modeling_cola.py"} & set(os.listdir(tmp_path / "ref"))
+    _, state, layout = hf_io.read_cola_checkpoint(str(tmp_path / "ref"))
+    assert layout == "CoLA" and state["model.layers.0.self_attn.k_proj.cola_b"].shape == (8, 32)
+
+    gqa = ModelConfig(hidden_size=32, ffn_hidden_size=48, num_layers=1, num_attention_heads=2, num_query_groups=1,
+                      rank=8, vocab_size=64)
+    with pytest.raises(ConversionError, match="reference implementation cannot represent grouped-query attention"):
+        names.hf_config_fields(gqa, reference_layout=True)
+    exported = names.hf_config_fields(gqa)
+    assert exported["num_key_value_heads"] == 1
+    claimed = dict(raw, num_key_value_heads=1)
+    with pytest.raises(ConversionError, match="reference implementation's layout but claims grouped-query"):
+        names.model_section_from_hf(claimed)
+    claimed["auto_map"] = ColaConfig(**exported).auto_map
+    assert names.model_section_from_hf(claimed)["num_query_groups"] == 1

@@ -26,14 +26,18 @@ from tests.distributed import run_distributed
 SHAPE = dict(hidden_size=64, ffn_hidden_size=160, num_attention_heads=4, rank=16, vocab_size=128, seq_length=32,
              num_layers=2)
 BATCH = 2
-CASES = [("cola", "none"), ("cola", "cola_m"), ("cola", "full"), ("dense", "none"), ("dense", "full")]
+CASES = [("cola", "none"), ("cola", "cola_m"), ("cola", "full"), ("dense", "none"), ("dense", "full"),
+         ("cola-gqa", "none"), ("cola-gqa", "cola_m")]
 
 
 def _config(arch, recompute):
+    """``arch`` 'cola', 'dense' or 'cola-gqa' (CoLA with grouped-query attention: 4 heads in 2 k/v groups)."""
     from cola_megatron.config import config_from_dict
 
+    groups = 2 if arch == "cola-gqa" else None
+    arch = "cola" if arch == "cola-gqa" else arch
     return config_from_dict({
-        "model": dict(SHAPE, arch=arch, recompute=recompute, only_lr_act=arch == "cola"),
+        "model": dict(SHAPE, arch=arch, recompute=recompute, only_lr_act=arch == "cola", num_query_groups=groups),
         "train": {"precision": "fp32"},
         "data": {"mock": True},
     })
@@ -121,7 +125,7 @@ def _parts(flops: dict):
     return gemm, forward, backward
 
 
-@pytest.mark.parametrize("arch", ["cola", "dense"])
+@pytest.mark.parametrize("arch", ["cola", "dense", "cola-gqa"])
 def test_counted_model_flops_equal_the_formula(counts, arch):
     from cola_megatron.models.accounting import count_parameters, training_flops_per_token
 
@@ -140,10 +144,12 @@ def test_counted_model_flops_equal_the_formula(counts, arch):
     assert documented - counted == 6 * norms * tokens  # the norm weights: in 6·N, no GEMM
 
 
-@pytest.mark.parametrize("arch,recompute", [("cola", "cola_m"), ("cola", "full"), ("dense", "full")])
+@pytest.mark.parametrize("arch,recompute", [("cola", "cola_m"), ("cola", "full"), ("dense", "full"),
+                                            ("cola-gqa", "cola_m")])
 def test_recompute_extra_equals_the_documented_cost(counts, arch, recompute):
     from cola_megatron.models.accounting import (
         hardware_flops_per_token,
+        kv_width,
         layer_parameters,
         recompute_flops_per_token,
         training_flops_per_token,
@@ -164,9 +170,12 @@ def test_recompute_extra_equals_the_documented_cost(counts, arch, recompute):
     assert extra == documented
     d, f, r, s = m.hidden_size, m.padded_ffn_hidden_size, m.rank, m.seq_length
     assert forward - forward0 == m.num_layers * 4 * s * d * tokens  # the attention core, once more
-    # CoLA-M: the B GEMMs of q|k|v and gate|up (MHA: kv = d) out of all the layer's GEMM weights; full: all of them.
+    # CoLA-M: the B GEMMs of q|k|v (k and v kv wide: d under MHA, d/2 in the GQA case) and gate|up out of all the
+    # layer's GEMM weights; full: all of them.
     weights = layer_parameters(m).total - layer_parameters(m).norms
-    assert share == pytest.approx(r * (3 * d + 2 * f) / weights if recompute == "cola_m" else 1.0, rel=1e-12)
+    kv = kv_width(m)
+    assert kv == (d // 2 if arch == "cola-gqa" else d)
+    assert share == pytest.approx(r * (d + 2 * kv + 2 * f) / weights if recompute == "cola_m" else 1.0, rel=1e-12)
 
 
 @pytest.mark.parametrize("arch,recompute", HFU_CASES)

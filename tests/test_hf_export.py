@@ -4,6 +4,8 @@ The suite runs twice in ``make test``: here, with the transformers the project i
 ``test_the_suite_passes_on_the_lowest_supported_transformers`` in a second environment holding the lowest supported
 transformers / tokenizers / peft / accelerate (see ``tests/hf_floor.py``), against the export written here. Exports
 are made as ``cola-convert to-hf`` makes them (``hf_io.write_export`` from reference-named tensors), without training.
+The model has grouped-query attention (4 query heads, 2 k/v heads), so every check here covers it; multi-head
+exports are the ``test_convert.py`` ones.
 """
 
 import json
@@ -20,7 +22,7 @@ from tests import hf_floor
 EXPORT_ENV = "COLA_HF_EXPORT"  # set in the second environment's run: the export written by the installed stack
 EXPECT_ENV = "COLA_HF_EXPECT_TRANSFORMERS"
 MODEL = dict(arch="cola", hidden_size=64, ffn_hidden_size=96, num_layers=2, num_attention_heads=4, rank=16,
-             vocab_size=320, seq_length=32)
+             vocab_size=320, seq_length=32, num_query_groups=2)
 PROMPTS = ["the quick brown fox", "a stitch in time saves nine and the lazy dog"]
 
 
@@ -148,6 +150,32 @@ def test_greedy_same_with_and_without_cache(export):
     prompt = torch.tensor([[5, 17, 260, 3, 99, 42], [250, 4, 4, 8, 15, 16]])
     cached = greedy(model, prompt, use_cache=True)
     assert torch.equal(cached, greedy(model, prompt, use_cache=False))
+
+
+def cache_tensors(cache):
+    """(keys, values) of every layer of a transformers cache, in either release's layout."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def test_kv_cache_holds_the_key_value_heads_only(export):
+    """Grouped-query attention: the cache stores 2 k/v heads per layer, not the 4 query heads, and decoding one
+    more token from it gives the logits of the whole sequence at once."""
+    model = load(export)
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 2)
+    ids = torch.tensor([[5, 17, 260, 3, 99, 42, 7]])
+    with torch.no_grad():
+        out = model(ids[:, :-1], use_cache=True)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        tensors = cache_tensors(cache)
+        assert len(tensors) == model.config.num_hidden_layers
+        for keys, values in tensors:
+            assert keys.shape == values.shape == (1, 2, 6, 16)
+        step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+        whole = model(ids).logits[:, -1]
+    assert all(keys.shape[2] == 7 for keys, _ in cache_tensors(cache))
+    torch.testing.assert_close(step, whole, atol=1e-5, rtol=1e-5)
 
 
 def test_left_padded_batch_equals_single_prompts(export):

@@ -98,7 +98,7 @@ def test_config_round_trips_and_carries_auto_map(tmp_path):
     [
         (dict(tie_word_embeddings=True), "tie_word_embeddings=False"),
         (dict(lr_act_type="relu"), "lr_act_type"),
-        (dict(num_key_value_heads=2), "num_key_value_heads"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
         (dict(hidden_size=66), "divisible"),
         (dict(rank=0), "rank"),
     ],
@@ -167,6 +167,7 @@ def test_only_lr_act_changes_the_mlp():
 def reference_logits(state, cfg, input_ids):
     """The whole CoLA decoder written out in plain torch, independently of the model code."""
     d, heads, eps = cfg.hidden_size, cfg.num_attention_heads, cfg.rms_norm_eps
+    kv_heads = cfg.num_key_value_heads
     hd, half = d // heads, d // heads // 2
     batch, seq = input_ids.shape
 
@@ -187,7 +188,10 @@ def reference_logits(state, cfg, input_ids):
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
     def split_heads(x):
-        return x.view(batch, seq, heads, hd).transpose(1, 2)
+        return x.view(batch, seq, x.shape[-1] // hd, hd).transpose(1, 2)
+
+    def shared(x):  # grouped-query attention: k/v head g serves query heads g·heads/kv_heads ... (g+1)·heads/kv_heads - 1
+        return x.repeat_interleave(heads // kv_heads, dim=1)
 
     future = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)
     h = state["model.embed_tokens.weight"][input_ids]
@@ -195,8 +199,8 @@ def reference_logits(state, cfg, input_ids):
         p = f"model.layers.{i}."
         x = rms(h, state[p + "input_layernorm.weight"])
         q = rope(split_heads(proj(p + "self_attn.q_proj", x)))
-        k = rope(split_heads(proj(p + "self_attn.k_proj", x)))
-        v = split_heads(proj(p + "self_attn.v_proj", x))
+        k = shared(rope(split_heads(proj(p + "self_attn.k_proj", x))))
+        v = shared(split_heads(proj(p + "self_attn.v_proj", x)))
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
         h = h + proj(p + "self_attn.o_proj", (probs @ v).transpose(1, 2).reshape(batch, seq, d))
@@ -208,9 +212,10 @@ def reference_logits(state, cfg, input_ids):
     return rms(h, state["model.norm.weight"]) @ state["lm_head.weight"].T
 
 
-@pytest.mark.parametrize("only_lr_act", [False, True])
-def test_whole_model_matches_reference_forward(only_lr_act):
-    model = tiny_model(only_lr_act=only_lr_act)
+@pytest.mark.parametrize("only_lr_act,kv_heads", [(False, 4), (True, 4), (False, 2), (False, 1)])
+def test_whole_model_matches_reference_forward(only_lr_act, kv_heads):
+    model = tiny_model(only_lr_act=only_lr_act, num_key_value_heads=kv_heads)
+    assert model.model.layers[0].self_attn.k_proj.cola_b.shape == (16, 16 * kv_heads)
     input_ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         logits = model(input_ids).logits

@@ -1,5 +1,6 @@
 """The full layout product once: TP2 x PP2 x DP2 (8 gloo processes) with sequence parallelism, the distributed
-optimizer and CoLA-M trains like one process, and its checkpoint continues at TP1 PP1 DP1 like the one-process run.
+optimizer, CoLA-M and grouped-query attention (4 heads in 2 k/v groups, one group per TP rank) trains like one
+process, and its checkpoint continues at TP1 PP1 DP1 like the one-process run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def _cfg(iters, save_dir=None, load_dir=None, **parallel):
 
     return config_from_dict({
         "model": dict(hidden_size=64, ffn_hidden_size=128, num_layers=2, num_attention_heads=4, rank=16,
-                      vocab_size=256, seq_length=32, cola_init_std=0.3, recompute="cola_m"),
+                      vocab_size=256, seq_length=32, cola_init_std=0.3, recompute="cola_m", num_query_groups=2),
         "parallel": dict(use_distributed_optimizer=True, **parallel),
         "train": dict(micro_batch_size=2, global_batch_size=8, train_iters=iters, eval_iters=0, seed=7,
                       precision="fp32"),

@@ -52,6 +52,17 @@ def _projection_checks():
             expect = torch.cat(refs, dim=-1)
         out[name] = (same_function_mismatch(y, expect), bias, shapes,
                      [n for n, _ in slot.named_parameters()])
+    # Grouped-query attention (4 heads in 2 groups): megatron's layout is, per group, its 2 query heads, then its
+    # k head and its v head.
+    with float64_models():
+        gqa = _model(_cfg(cola_init_std=0.2, num_query_groups=2)).decoder.layers[0].self_attention.linear_qkv
+    x = torch.randn(5, 3, gqa.input_size, dtype=torch.float64)
+    y, bias = gqa(x)
+    q, k, v = (torch.nn.functional.silu(x @ a) @ b for a, b in gqa.reference_layout())
+    expect = torch.cat([q.reshape(5, 3, 2, -1), k.reshape(5, 3, 2, -1), v.reshape(5, 3, 2, -1)], dim=-1)
+    out["qkv-gqa"] = (same_function_mismatch(y, expect.reshape(5, 3, -1)), bias,
+                      [(tuple(a.shape), tuple(b.shape)) for a, b in gqa.reference_layout()],
+                      [n for n, _ in gqa.named_parameters()])
     return out
 
 
@@ -61,7 +72,7 @@ def projection_results():
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("slot", ["qkv", "proj", "fc1", "fc2"])
+@pytest.mark.parametrize("slot", ["qkv", "proj", "fc1", "fc2", "qkv-gqa"])
 def test_projection_equals_hand_computation(projection_results, slot):
     mismatch, bias, _, _ = projection_results[slot]
     assert mismatch is None, mismatch
@@ -74,11 +85,14 @@ def test_reference_layout_shapes(projection_results):
     assert projection_results["proj"][2] == [((d, r), (r, d))]
     assert projection_results["fc1"][2] == [((d, r), (r, f))] * 2
     assert projection_results["fc2"][2] == [((f, r), (r, d))]
+    kv = d // 2  # 2 of 4 heads
+    assert projection_results["qkv-gqa"][2] == [((d, r), (r, d)), ((d, r), (r, kv)), ((d, r), (r, kv))]
 
 
 def test_no_biases(projection_results):
-    for _, _, _, names in projection_results.values():
-        assert names == ["a_weight", "b_weight"]
+    for slot, (_, _, _, names) in projection_results.items():
+        # Under GQA, k's and v's B are stacked apart from q's (narrower); multi-head slots have one B tensor.
+        assert names == (["a_weight", "b_weight", "b_kv_weight"] if slot == "qkv-gqa" else ["a_weight", "b_weight"])
 
 
 def _init_std():
@@ -88,9 +102,16 @@ def _init_std():
     model = _model(cfg)
     mlp = model.decoder.layers[0].mlp
     expect = cola_init_std(256, 1024, 2752)
-    return [(mlp.linear_fc1.a_weight.std().item(), expect), (mlp.linear_fc1.b_weight.std().item(), expect),
-            (model.embedding.word_embeddings.weight.std().item(), 0.02),
-            (model.decoder.layers[0].input_layernorm.weight.mean().item(), 1.0)]
+    checks = [(mlp.linear_fc1.a_weight.std().item(), expect), (mlp.linear_fc1.b_weight.std().item(), expect),
+              (model.embedding.word_embeddings.weight.std().item(), 0.02),
+              (model.decoder.layers[0].input_layernorm.weight.mean().item(), 1.0)]
+    # Grouped-query attention (8 heads in 2 groups): each projection's init uses its own d_out, d for q, 256 for k, v.
+    qkv = _model(_cfg(hidden_size=1024, ffn_hidden_size=2752, num_attention_heads=8, rank=256, num_layers=1,
+                      num_query_groups=2)).decoder.layers[0].self_attention.linear_qkv
+    q_std, kv_std = cola_init_std(256, 1024, 1024), cola_init_std(256, 1024, 256)
+    checks += [(qkv.a_weight[0].std().item(), q_std), (qkv.b_weight.std().item(), q_std)]
+    checks += [(qkv.a_weight[i].std().item(), kv_std) for i in (1, 2)] + [(qkv.b_kv_weight.std().item(), kv_std)]
+    return checks
 
 
 def test_init_std_follows_the_paper():
@@ -208,6 +229,7 @@ def _real_counts():
     out = {}
     for name, model in {"cola": dict(arch="cola"), "dense": dict(arch="dense"),
                         "dense-gqa": dict(arch="dense", num_query_groups=2),
+                        "cola-gqa": dict(arch="cola", num_query_groups=2),
                         "cola-padded": dict(arch="cola", ffn_multiple_of=64)}.items():
         cfg = _cfg(**model)
         out[name] = (sum(p.numel() for p in _model(cfg).parameters()), cfg.model)

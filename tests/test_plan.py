@@ -196,7 +196,8 @@ def test_predicted_memory_within_10_percent_of_measured(measured, case, rank):
 
 
 @pytest.mark.parametrize("path", ["configs/cola/llama_60m.yaml", "configs/cola/llama_1b.yaml",
-                                  "configs/cola/llama_7b.yaml", "configs/dense/llama_1b.yaml"])
+                                  "configs/cola/llama_7b.yaml", "configs/dense/llama_1b.yaml",
+                                  "configs/cola/llama3_8b.yaml"])
 def test_parameter_count_matches_the_model(path):
     from cola_megatron.models.accounting import count_parameters
 
@@ -219,6 +220,31 @@ def test_cola_m_keeps_2d_plus_7r_per_token_and_layer():
     sharded = plan.layer_activations(cfg, tp=4, sequence_parallel=True)
     assert sharded.cola_m_kept == layer.cola_m_kept / 4
     assert layer.full / 4 < sharded.full < layer.full
+
+
+def test_grouped_query_attention_narrows_k_v_tensors_and_their_collectives():
+    """The Llama-3-8B shape (8 k/v groups of 32 heads: kv = d/4). CoLA-M keeps 2d + 7r as with multi-head attention;
+    without recomputation k and v are kv wide (6d + 2kv + 7r + 3f); the TP collectives narrow where they carry k and
+    v (pair, dense) and not the bottleneck scheme's r-wide codes."""
+    from cola_megatron.analysis.comm_report import block_collectives, block_shape
+
+    cfg = load_config("configs/cola_m/llama3_8b.yaml")
+    m = cfg.model
+    d, r, f, heads = m.hidden_size, m.rank, m.ffn_hidden_size, m.num_attention_heads
+    kv = d // heads * m.num_query_groups
+    assert kv == d // 4
+    layer = plan.layer_activations(cfg, tp=1, sequence_parallel=False)
+    assert layer.cola_m_kept == 2 * (2 * d + 7 * r)
+    assert layer.full == 2 * (6 * d + 2 * kv + 7 * r + 3 * f) + 4 * (2 + heads)
+    mha = load_config("configs/cola_m/llama3_8b.yaml", ["model.num_query_groups=null"])
+    assert plan.layer_activations(mha, tp=1, sequence_parallel=False).full - layer.full == 2 * 2 * (d - kv)
+
+    def widths(config, arch):
+        return sum(c.width for c in block_collectives(arch, block_shape(config), 8, True))
+
+    assert widths(cfg, "bottleneck") == widths(mha, "bottleneck") == 2 * 7 * r
+    assert widths(mha, "pair") - widths(cfg, "pair") == 2 * 2 * (d - kv)  # q|k|v output, forward and backward
+    assert widths(cfg, "dense") == widths(mha, "dense")  # dense moves the layers' d-wide inputs and outputs
 
 
 def test_first_pipeline_stage_holds_pp_micro_batches():

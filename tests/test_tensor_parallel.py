@@ -36,15 +36,20 @@ from tests.distributed import run_distributed
 
 RTOL = 1e-5
 SCHEMES = ("bottleneck", "pair")
-CASES = [(sp, scheme, only) for sp in (False, True) for scheme in SCHEMES for only in (False, True)]
 TINY = dict(hidden_size=64, ffn_hidden_size=128, num_layers=2, num_attention_heads=4, rank=16, vocab_size=128,
             seq_length=32, cola_init_std=0.3)
+# Grouped-query attention: 8 query heads in 4 groups, so a TP rank holds whole groups of several heads (TP2) or
+# one group (TP4).
+GQA = dict(num_attention_heads=8, num_query_groups=4)
+MODELS = {"mha": {}, "gqa": GQA}
+CASES = ([(sp, scheme, only, "mha") for sp in (False, True) for scheme in SCHEMES for only in (False, True)]
+         + [(sp, scheme, False, "gqa") for sp in (False, True) for scheme in SCHEMES])
 BATCH = 2
 SEED = 1234
 
 
-def case_name(sp: bool, scheme: str, only_lr_act: bool) -> str:
-    return f"{scheme}-sp{int(sp)}-only_lr_act{int(only_lr_act)}"
+def case_name(sp: bool, scheme: str, only_lr_act: bool, model: str = "mha") -> str:
+    return f"{model}-{scheme}-sp{int(sp)}-only_lr_act{int(only_lr_act)}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,9 +133,9 @@ def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).abs().max() / ref.abs().max()).item()
 
 
-def _reference(only_lr_act: bool) -> dict:
+def _reference(only_lr_act: bool, **model) -> dict:
     """TP=1: full weights, logits, the loss and every gradient (plain autograd)."""
-    model = _build(_config(1, only_lr_act=only_lr_act))
+    model = _build(_config(1, only_lr_act=only_lr_act, **model))
     tokens, positions = _batch()
     logits = _logits(model)
     loss = model(tokens, positions, None, labels=tokens).mean()
@@ -175,11 +180,11 @@ def _parity_problems(got: dict, ref: dict) -> list:
 
 def _negative_controls(references: dict) -> dict:
     """Deliberately wrong layouts at this TP size must move the logits far beyond the tolerance: q and k swapped,
-    gate and up swapped, and the fc1 shards handed to the wrong ranks (rank k computing rank k+1's ffn rows, which
-    then meet the wrong slice of the down projection)."""
+    gate and up swapped, the fc1 shards handed to the wrong ranks (rank k computing rank k+1's ffn rows, which
+    then meet the wrong slice of the down projection), and, under GQA, each query head meeting another group's
+    k/v head (the unsplit k and v rows rolled by one head)."""
     tp = _tp_group().size()
     tp_rank = _tp_group().rank()
-    ref = references[False]["logits"]
 
     def swap_branches(slot, i, j):
         b = slot.b_weight.data
@@ -191,17 +196,25 @@ def _negative_controls(references: dict) -> dict:
         torch.distributed.all_gather(shards, b.contiguous(), group=_tp_group())
         b.copy_(shards[(tp_rank + 1) % tp])
 
+    def roll_kv_heads(slot):
+        head_dim = TINY["hidden_size"] // GQA["num_attention_heads"]
+        b = slot.b_kv_weight.data
+        shards = [torch.empty_like(b) for _ in range(tp)]
+        torch.distributed.all_gather(shards, b.contiguous(), group=_tp_group())
+        b.copy_(torch.cat(shards, dim=1).roll(head_dim, dims=1).chunk(tp, dim=1)[tp_rank])
+
     controls = {
-        "q/k swapped": lambda layer: swap_branches(layer.self_attention.linear_qkv, 0, 1),
-        "gate/up swapped": lambda layer: swap_branches(layer.mlp.linear_fc1, 0, 1),
-        "fc1 shards on the wrong ranks": lambda layer: rotate_shards(layer.mlp.linear_fc1),
+        "q/k swapped": ("mha", lambda layer: swap_branches(layer.self_attention.linear_qkv, 0, 1)),
+        "gate/up swapped": ("mha", lambda layer: swap_branches(layer.mlp.linear_fc1, 0, 1)),
+        "fc1 shards on the wrong ranks": ("mha", lambda layer: rotate_shards(layer.mlp.linear_fc1)),
+        "k/v groups on the wrong query heads": ("gqa", lambda layer: roll_kv_heads(layer.self_attention.linear_qkv)),
     }
     errors = {}
-    for name, corrupt in controls.items():
-        model = _build(_config(tp, scheme="bottleneck"))
+    for name, (variant, corrupt) in controls.items():
+        model = _build(_config(tp, scheme="bottleneck", **MODELS[variant]))
         with torch.no_grad():
             corrupt(model.decoder.layers[0])
-        errors[name] = _relative_error(_logits(model), ref)
+        errors[name] = _relative_error(_logits(model), references[(False, variant)]["logits"])
     return errors
 
 
@@ -278,18 +291,22 @@ def launched_group(tp: int, checkpoint_dir: str = "") -> dict:
         saved = _checkpoint_save(checkpoint_dir)
 
     initialize_distributed(tensor_parallel=1, seed=SEED)
-    references = {only: _reference(only) for only in (False, True)}
-    pair_weights = _full_weights(_build(_config(1, scheme="pair")))
-    results["init_scheme_independent"] = [
-        name for name, w in pair_weights.items() if not torch.equal(w, references[False]["weights"][name])
-    ]
+    references = {(only, variant): _reference(only, **MODELS[variant])
+                  for only, variant in sorted({(only, variant) for _, _, only, variant in CASES})}
+    results["init_scheme_independent"] = []
+    for variant, model in MODELS.items():
+        pair_weights = _full_weights(_build(_config(1, scheme="pair", **model)))
+        results["init_scheme_independent"] += [
+            f"{variant} {name}" for name, w in pair_weights.items()
+            if not torch.equal(w, references[(False, variant)]["weights"][name])
+        ]
     if checkpoint_dir:
         results["checkpoint"] += _checkpoint_load_problems(checkpoint_dir, saved, 1)
 
     initialize_distributed(tensor_parallel=tp, seed=SEED)
-    for sp, scheme, only in CASES:
-        got = _tp_run(_config(tp, sp, scheme, only))
-        results["parity"][case_name(sp, scheme, only)] = _parity_problems(got, references[only])
+    for sp, scheme, only, variant in CASES:
+        got = _tp_run(_config(tp, sp, scheme, only, **MODELS[variant]))
+        results["parity"][case_name(sp, scheme, only, variant)] = _parity_problems(got, references[(only, variant)])
     results["negative_controls"] = _negative_controls(references)
     results["comm"] = _comm_cases(tp, with_1b=tp == 4)
     if checkpoint_dir:

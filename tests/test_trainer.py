@@ -18,10 +18,14 @@ ITERS = 5
 
 
 def _cfg(arch: str, train=None, **parallel):
+    """``arch`` 'cola', 'dense', or 'cola-gqa' (CoLA with grouped-query attention, 4 heads in 2 groups)."""
     from cola_megatron.config import config_from_dict
 
+    groups = 2 if arch == "cola-gqa" else None
+    arch = "cola" if arch == "cola-gqa" else arch
     model = dict(arch=arch, hidden_size=64, ffn_hidden_size=128, num_layers=4, num_attention_heads=4, rank=16,
-                 vocab_size=256, seq_length=32, cola_init_std=0.3 if arch == "cola" else None)
+                 vocab_size=256, seq_length=32, cola_init_std=0.3 if arch == "cola" else None,
+                 num_query_groups=groups)
     return config_from_dict({
         "model": model,
         "parallel": parallel,
@@ -84,14 +88,19 @@ LAYOUTS_WORLD_2 = [
 ]
 
 
+# Grouped-query attention rides along in the same launches (the TP layouts' gradients: test_tensor_parallel.py).
+GQA_LAYOUTS_WORLD_2 = [(n, p) for n, p in LAYOUTS_WORLD_2 if n in ("TP2-SP", "PP2")]
+
+
 @pytest.fixture(scope="module")
 def layout_losses():
     archs = ("cola", "dense")
-    ref = run_distributed(_run_layouts, 1, [(f"{a}/TP1", a, {}) for a in archs]
+    ref = run_distributed(_run_layouts, 1, [(f"{a}/TP1", a, {}) for a in (*archs, "cola-gqa")]
                           + [("cola/TP1-micro8", "cola", {}, {"micro_batch_size": 8})])[0]
-    world2 = run_distributed(_run_layouts, 2, [(f"{a}/{n}", a, p) for a in archs for n, p in LAYOUTS_WORLD_2])[0]
+    world2 = run_distributed(_run_layouts, 2, [(f"{a}/{n}", a, p) for a in archs for n, p in LAYOUTS_WORLD_2]
+                             + [(f"cola-gqa/{n}", "cola-gqa", p) for n, p in GQA_LAYOUTS_WORLD_2])[0]
     world4 = run_distributed(_run_layouts, 4, [(f"{a}/TP2-PP2", a, dict(tensor_parallel=2, pipeline_parallel=2))
-                                               for a in archs])[0]
+                                               for a in (*archs, "cola-gqa")])[0]
     return {**ref, **world2, **world4}
 
 
@@ -103,6 +112,14 @@ def test_losses_match_single_process(layout_losses, arch, layout):
     assert len(ref) == ITERS and all(math.isfinite(x) for x in ref)
     assert ref[-1] < ref[0], f"the reference run did not learn: {ref}"
     assert_same_trajectory(got, ref, what=f"{arch} {layout}")
+
+
+@pytest.mark.parametrize("layout", [n for n, _ in GQA_LAYOUTS_WORLD_2] + ["TP2-PP2"])
+def test_grouped_query_attention_losses_match_single_process(layout_losses, layout):
+    ref, got = layout_losses["cola-gqa/TP1"], layout_losses[f"cola-gqa/{layout}"]
+    assert ref[-1] < ref[0], f"the reference run did not learn: {ref}"
+    assert ref != layout_losses["cola/TP1"], "grouped-query attention must change the model"
+    assert_same_trajectory(got, ref, what=f"cola-gqa {layout}")
 
 
 def test_distributed_optimizer_matches_plain_dp(layout_losses):

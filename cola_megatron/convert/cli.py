@@ -9,7 +9,8 @@ CKPT is a run's ``checkpoint.save_dir`` (its ``latest`` is followed) or one ``it
 outputs are ``OUT/iter_NNNNNNN`` plus ``OUT/latest`` and load at any layout. ``reshard`` keeps a run's whole training
 state; ``from-hf`` and ``from-dense`` write weights only, which a run continues from with
 ``checkpoint.load_dir=OUT checkpoint.load_optimizer=false``. Exports load with
-``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` (and ``AutoTokenizer`` likewise).
+``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` (and ``AutoTokenizer`` likewise);
+``to-hf --reference-layout`` writes for the reference implementation's own code instead (multi-head models only).
 Bad input fails before heavy work with exit code 2 and one message naming the fix.
 """
 
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--no-tokenizer", action="store_true", help="export without a tokenizer")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--reference-layout", action="store_true",
+                   help="for the reference implementation's own code: no auto_map, no shipped modeling files "
+                        "(multi-head attention only)")
 
     p = sub.add_parser("from-hf", help="Hugging Face CoLA directory → torch_dist checkpoint")
     p.add_argument("hf_dir")
@@ -80,7 +84,7 @@ def to_hf(args) -> None:
                               "tokenizer.json) or --no-tokenizer")
     special = hf_io.tokenizer_special_ids(tokenizer, cfg.model.vocab_size) if tokenizer else None
     special = special or megatron_io.read_special_tokens(ckpt)  # converted weights keep their config's ids
-    fields = names.hf_config_fields(cfg.model, special)
+    fields = names.hf_config_fields(cfg.model, special, reference_layout=args.reference_layout)
     megatron_io.require_new_output(args.output)
     ckpt_lib.verify_checkpoint(ckpt)  # names a truncated or corrupted file before anything is read
     state = megatron_io.read_full_state(ckpt, cfg)
@@ -89,7 +93,8 @@ def to_hf(args) -> None:
         raise ConversionError(f"{ckpt} holds NaN/inf weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
                               "; refusing to export them. Fix: convert an earlier checkpoint of the run")
     reference = names.megatron_to_reference(state, cfg.model.num_layers)
-    hf_io.write_export(args.output, reference, fields, tokenizer, args.max_shard_size, args.dtype)
+    hf_io.write_export(args.output, reference, fields, tokenizer, args.max_shard_size, args.dtype,
+                       ship_code=not args.reference_layout)
     print(f"wrote {args.output} from {ckpt}")
 
 

@@ -97,8 +97,9 @@ def save_tokenizer(tokenizer_file: str, out_dir: str, model_max_length: int) -> 
 
 def write_export(out_dir: str, state: Mapping[str, torch.Tensor], config_fields: Mapping[str, Any],
                  tokenizer_file: Optional[str] = None, max_shard_size: str = "5GB",
-                 dtype: str = "float32") -> None:
-    """A loadable Hugging Face directory from reference-named tensors and ``ColaConfig`` fields."""
+                 dtype: str = "float32", ship_code: bool = True) -> None:
+    """A loadable Hugging Face directory from reference-named tensors and ``ColaConfig`` fields; without
+    ``ship_code``, for the reference implementation's own code (no auto_map, no shipped modeling files)."""
     _require_transformers()
     from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
@@ -119,10 +120,26 @@ def write_export(out_dir: str, state: Mapping[str, torch.Tensor], config_fields:
     save_torch_state_dict(cast, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
-    for name in SHIPPED_MODULES:
-        shutil.copyfile(os.path.join(_shipped_dir(), name), os.path.join(out_dir, name))
+    if ship_code:
+        for name in SHIPPED_MODULES:
+            shutil.copyfile(os.path.join(_shipped_dir(), name), os.path.join(out_dir, name))
+    else:
+        _drop_auto_map(out_dir)
     if tokenizer_file:
         save_tokenizer(tokenizer_file, out_dir, config.max_position_embeddings)
+
+
+def _drop_auto_map(out_dir: str) -> None:
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.pop("auto_map", None)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    for name in SHIPPED_MODULES:  # save_pretrained copies the registered configuration class's file
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
 
 
 def check_shapes(got: Mapping[str, Tuple[int, ...]], expected: Mapping[str, Tuple[int, ...]], what: str) -> None:

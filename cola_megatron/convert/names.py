@@ -2,8 +2,10 @@
 
 Megatron side: the state dict of the unsplit model (TP=1, PP=1), e.g. ``decoder.layers.3.mlp.linear_fc1.a_weight``.
 A CoLA slot stores its ``n`` projections fused: A as ``(n, r, d_in)``, B as ``(n, d_out, r)``, branches in the order
-q, k, v (``linear_qkv``) and gate, up (``linear_fc1``); B_q's rows are the query heads in head order, and megatron's
-RoPE rotates non-interleaved halves like Hugging Face's ``rotate_half``, so no row permutation is needed.
+q, k, v (``linear_qkv``) and gate, up (``linear_fc1``); under grouped-query attention B_q is ``b_weight`` (1, d, r)
+and B_k, B_v are ``b_kv_weight`` (2, groups·head_dim, r). B_q's rows are the query heads in head order (B_k's and
+B_v's the groups in order), and megatron's RoPE rotates non-interleaved halves like Hugging Face's ``rotate_half``,
+so no row permutation is needed.
 
 Reference side: ``cola_a = A[i].T`` of shape (d_in, r) and ``cola_b = B[i].T`` of shape (r, d_out), so that
 ``y = silu(x @ cola_a) @ cola_b`` (see ``_CoLASlot.reference_layout``).
@@ -73,9 +75,12 @@ def megatron_to_reference(state: Mapping[str, torch.Tensor], num_layers: int) ->
             used.add(prefix + meg)
         for slot, projections in SLOTS.items():
             a = _take(state, f"{prefix}{slot}.a_weight", "megatron")
-            b = _take(state, f"{prefix}{slot}.b_weight", "megatron")
+            b = list(_take(state, f"{prefix}{slot}.b_weight", "megatron"))
             used.update((f"{prefix}{slot}.a_weight", f"{prefix}{slot}.b_weight"))
-            if a.shape[0] != len(projections) or b.shape[0] != len(projections):
+            if f"{prefix}{slot}.b_kv_weight" in state:  # grouped-query attention: k and v B's, narrower than q's
+                b += list(state[f"{prefix}{slot}.b_kv_weight"])
+                used.add(f"{prefix}{slot}.b_kv_weight")
+            if a.shape[0] != len(projections) or len(b) != len(projections):
                 raise ConversionError(f"{prefix}{slot} holds {a.shape[0]} fused projections, expected "
                                       f"{len(projections)}: not a CoLA checkpoint of this code's layout")
             for branch, proj in enumerate(projections):
@@ -100,7 +105,11 @@ def reference_to_megatron(state: Mapping[str, torch.Tensor], num_layers: int) ->
             names = [f"model.layers.{i}.{proj}" for proj in projections]
             used.update(n + suffix for n in names for suffix in (".cola_a", ".cola_b"))
             out[f"{prefix}{slot}.a_weight"] = torch.stack([_take(state, n + ".cola_a", "Hugging Face").t() for n in names])
-            out[f"{prefix}{slot}.b_weight"] = torch.stack([_take(state, n + ".cola_b", "Hugging Face").t() for n in names])
+            b = [_take(state, n + ".cola_b", "Hugging Face").t() for n in names]
+            if any(t.shape != b[0].shape for t in b):  # grouped-query attention: k and v stacked apart from q
+                out[f"{prefix}{slot}.b_weight"], out[f"{prefix}{slot}.b_kv_weight"] = b[0][None], torch.stack(b[1:])
+            else:
+                out[f"{prefix}{slot}.b_weight"] = torch.stack(b)
     _check_no_extra(state, used, "Hugging Face")
     return out
 
@@ -165,12 +174,24 @@ def plain_reference_names(stored: Iterable[str], source: str = "the checkpoint")
 # Configs
 
 
-def hf_config_fields(m: ModelConfig, special_ids: Optional[Mapping[str, Optional[int]]] = None) -> Dict[str, Any]:
-    """``ColaConfig`` keyword arguments for a run's model section."""
+REFERENCE_CANNOT_REPRESENT_GQA = ("the reference implementation cannot represent grouped-query attention (its k and v "
+                                  "projections have num_attention_heads heads)")
+
+
+def is_grouped(m: ModelConfig) -> bool:
+    return m.num_query_groups not in (None, m.num_attention_heads)
+
+
+def hf_config_fields(m: ModelConfig, special_ids: Optional[Mapping[str, Optional[int]]] = None,
+                     reference_layout: bool = False) -> Dict[str, Any]:
+    """``ColaConfig`` keyword arguments for a run's model section; ``reference_layout``: for the reference
+    implementation's own code, which has no grouped-query attention."""
     if m.arch != "cola":
         raise ConversionError(f"model.arch is {m.arch!r}: only CoLA models export to the 'cola' Hugging Face format")
-    if m.num_query_groups not in (None, m.num_attention_heads):
-        raise ConversionError("CoLA exports are multi-head attention: model.num_query_groups must be null")
+    if reference_layout and is_grouped(m):
+        raise ConversionError(f"model.num_query_groups={m.num_query_groups} (of {m.num_attention_heads} heads): "
+                              f"{REFERENCE_CANNOT_REPRESENT_GQA}. Fix: export without --reference-layout; the "
+                              "shipped modeling code loads it")
     ids = dict(special_ids or {})
     return dict(
         vocab_size=m.vocab_size,
@@ -178,7 +199,7 @@ def hf_config_fields(m: ModelConfig, special_ids: Optional[Mapping[str, Optional
         intermediate_size=m.padded_ffn_hidden_size,
         num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups or m.num_attention_heads,
         rank=m.rank,
         lr_act_type=m.lr_act,
         only_lr_act=m.only_lr_act,
@@ -209,6 +230,12 @@ REFERENCE_DEFAULTS = {
     "tie_word_embeddings": False,
 }
 SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def is_export(raw: Mapping[str, Any]) -> bool:
+    """Whether a config.json is an export's (it names the shipped modeling code), not the reference's own."""
+    auto_map = raw.get("auto_map") or {}
+    return auto_map.get("AutoModelForCausalLM") == "modeling_cola.ColaForCausalLM"
 
 
 def reference_defaults_used(raw: Mapping[str, Any]) -> Dict[str, Any]:
@@ -254,8 +281,14 @@ def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, on
         raise ConversionError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported; the LLaMA MLP uses silu")
     kv_heads = raw.get("num_key_value_heads") or heads
     if not dense and kv_heads != heads:
-        raise ConversionError(f"{source}: num_key_value_heads {kv_heads} != num_attention_heads {heads}; CoLA models "
-                              "use multi-head attention")
+        if heads % kv_heads:
+            raise ConversionError(f"{source}: num_key_value_heads {kv_heads} does not divide num_attention_heads "
+                                  f"{heads}; each k/v head must serve a whole group of query heads")
+        if not is_export(raw):
+            raise ConversionError(f"{source} is in the reference implementation's layout but claims grouped-query "
+                                  f"attention (num_key_value_heads {kv_heads} of {heads} heads): "
+                                  f"{REFERENCE_CANNOT_REPRESENT_GQA}. Fix: use an export of cola-convert "
+                                  "to-hf, whose shipped modeling code holds GQA CoLA models")
     if not dense and raw.get("tie_word_embeddings"):
         raise ConversionError(f"{source} ties the output layer to the embeddings; CoLA models have an untied lm_head")
     head_dim = raw.get("head_dim")
@@ -279,6 +312,7 @@ def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, on
         ffn_hidden_size=raw["intermediate_size"],
         num_layers=raw["num_hidden_layers"],
         num_attention_heads=heads,
+        num_query_groups=None if dense or kv_heads == heads else kv_heads,
         rank=int(rank),
         only_lr_act=bool(only),
         lr_act=raw.get("lr_act_type") or defaults["lr_act_type"],

@@ -19,6 +19,8 @@ SUPPORTED_LR_ACT_TYPES = ("silu",)
 class ColaConfig(PretrainedConfig):
     """A LLaMA decoder whose seven projections per block are CoLA bottlenecks ``y = B · silu(A · x)``.
 
+    ``num_key_value_heads`` (default: ``num_attention_heads``) below the heads is grouped-query attention.
+
     CoLA-specific fields:
         rank: bottleneck width r of every projection.
         lr_act_type: the bottleneck non-linearity; only ``"silu"``.
@@ -99,10 +101,10 @@ def _validate(
         raise ValueError(
             f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})."
         )
-    if num_key_value_heads != num_attention_heads:
+    if not isinstance(num_key_value_heads, int) or num_key_value_heads <= 0 or num_attention_heads % num_key_value_heads:
         raise ValueError(
-            f"CoLA models use multi-head attention: set num_key_value_heads ({num_key_value_heads}) equal to "
-            f"num_attention_heads ({num_attention_heads}) or leave it unset."
+            f"num_key_value_heads ({num_key_value_heads}) must be a positive divisor of num_attention_heads "
+            f"({num_attention_heads}): each k/v head serves a group of query heads."
         )
     if not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {rank!r}.")

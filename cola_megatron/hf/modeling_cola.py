@@ -2,7 +2,9 @@
 
 A LLaMA decoder in which every q, k, v, o, gate, up and down projection is a low-rank bottleneck
 ``y = silu(x @ cola_a) @ cola_b`` with ``cola_a: (d_in, r)`` and ``cola_b: (r, d_out)``. Embeddings, the untied
-``lm_head`` and the RMSNorms stay dense.
+``lm_head`` and the RMSNorms stay dense. ``num_key_value_heads`` below ``num_attention_heads`` is grouped-query
+attention: k and v have that many heads (``cola_b`` of k and v is ``(r, num_key_value_heads · head_dim)``), the KV
+cache holds only those, and each serves ``num_attention_heads / num_key_value_heads`` consecutive query heads.
 
 This file is shipped verbatim next to exported weights and loaded with ``trust_remote_code=True``, so it may only
 import torch and transformers.
@@ -144,30 +146,46 @@ def eager_attention(q, k, v, attn_mask, is_causal):
     return weights @ v, weights
 
 
+def repeat_kv(x, times):
+    """(batch, groups, seq, head_dim) → (batch, groups · times, seq, head_dim): each k/v head serves ``times``
+    consecutive query heads (grouped-query attention, as in Hugging Face LLaMA)."""
+    if times == 1:
+        return x
+    batch, groups, seq, head_dim = x.shape
+    return x[:, :, None].expand(batch, groups, times, seq, head_dim).reshape(batch, groups * times, seq, head_dim)
+
+
 class ColaAttention(nn.Module):
+    """Self-attention with ``num_key_value_heads`` k/v heads (grouped-query attention when fewer than the query
+    heads): k and v are ``num_key_value_heads · head_dim`` wide, each still a CoLA bottleneck, and the KV cache
+    holds only those heads; they are repeated for the query heads after the cache."""
+
     def __init__(self, config, layer_idx):
         super().__init__()
         d, r = config.hidden_size, config.rank
         self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
         self.head_dim = d // config.num_attention_heads
+        kv = self.num_key_value_heads * self.head_dim
         self.q_proj = ColaProjection(d, d, r)
-        self.k_proj = ColaProjection(d, d, r)
-        self.v_proj = ColaProjection(d, d, r)
+        self.k_proj = ColaProjection(d, kv, r)
+        self.v_proj = ColaProjection(d, kv, r)
         self.o_proj = ColaProjection(d, d, r)
 
     def forward(self, hidden_states, cos, sin, attn_mask, is_causal, past_key_values=None, output_attentions=False):
         batch, seq, _ = hidden_states.shape
 
-        def heads(x):
-            return x.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        def heads(x, count):
+            return x.view(batch, seq, count, self.head_dim).transpose(1, 2)
 
-        q = apply_rotary(heads(self.q_proj(hidden_states)), cos, sin)
-        k = apply_rotary(heads(self.k_proj(hidden_states)), cos, sin)
-        v = heads(self.v_proj(hidden_states))
+        q = apply_rotary(heads(self.q_proj(hidden_states), self.num_heads), cos, sin)
+        k = apply_rotary(heads(self.k_proj(hidden_states), self.num_key_value_heads), cos, sin)
+        v = heads(self.v_proj(hidden_states), self.num_key_value_heads)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
+        k, v = (repeat_kv(t, self.num_heads // self.num_key_value_heads) for t in (k, v))
         # Read at call time, so set_attn_implementation() after loading takes effect.
         implementation = getattr(self.config, "_attn_implementation", None) or "sdpa"
         if implementation not in ATTENTION_IMPLEMENTATIONS:
@@ -465,10 +483,11 @@ def _wants_dict(config, return_dict):
 def expected_parameter_shapes(config):
     """Every parameter name of ``ColaForCausalLM`` with its shape: the contract an exported state dict must meet."""
     d, ffn, r = config.hidden_size, config.intermediate_size, config.rank
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
     io = {
         "self_attn.q_proj": (d, d),
-        "self_attn.k_proj": (d, d),
-        "self_attn.v_proj": (d, d),
+        "self_attn.k_proj": (d, kv),
+        "self_attn.v_proj": (d, kv),
         "self_attn.o_proj": (d, d),
         "mlp.gate_proj": (d, ffn),
         "mlp.up_proj": (d, ffn),
@@ -509,7 +528,8 @@ def load_cola_state_dict(model, state_dict):
         raise ValueError(
             "state dict does not match the CoLA model built from this config ("
             + "; ".join(problems)
-            + "). Check that the config (hidden_size, intermediate_size, rank, layers, vocab_size) is the "
+            + "). Check that the config (hidden_size, intermediate_size, rank, layers, vocab_size, "
+            "num_key_value_heads) is the "
             "checkpoint's and that cola_a is stored as (d_in, r), cola_b as (r, d_out)."
         )
     model.load_state_dict(state_dict, strict=True)

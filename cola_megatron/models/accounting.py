@@ -27,7 +27,14 @@ class ParameterCount:
 
 
 def kv_width(m: ModelConfig) -> int:
+    """Output width of the k (and of the v) projection: ``groups · head_dim`` (d without grouped-query attention)."""
     return (m.hidden_size // m.num_attention_heads) * (m.num_query_groups or m.num_attention_heads)
+
+
+def kv_cache_elements_per_token(m: ModelConfig) -> int:
+    """Elements an inference KV cache holds per token: k and v of every layer's k/v heads (CoLA and dense alike:
+    the bottleneck changes the projections, not the attention's k and v)."""
+    return 2 * kv_width(m) * m.num_layers
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ def initialize_parameters(model_chunks: Iterable[torch.nn.Module], seed: int, de
     keeping this rank's shard: one seed gives the same model at every TP/PP/VP layout.
 
     Vectors (norm weights) are 1; matrices are N(0, std²) with the module's ``init_std`` (CoLA's paper init) or
-    ``default_std`` (embeddings, output layer, dense projections).
+    ``default_std`` (embeddings, output layer, dense projections); an ``init_std`` tuple gives each slice along
+    dim 0 its own std (a fused CoLA A whose branches have different output widths).
     """
     from megatron.core import parallel_state
 
@@ -57,7 +58,12 @@ def initialize_parameters(model_chunks: Iterable[torch.nn.Module], seed: int, de
                 shape[param.partition_dim] *= tp_size
             gen = torch.Generator(device=param.device).manual_seed(_seed_for(seed, names[name]))
             std = getattr(param, "init_std", default_std)
-            full = torch.empty(shape, dtype=torch.float32, device=param.device).normal_(0.0, std, generator=gen)
+            full = torch.empty(shape, dtype=torch.float32, device=param.device)
+            if isinstance(std, tuple):  # one std per branch of a fused CoLA A (q and the narrower k/v under GQA)
+                for branch, branch_std in zip(full.unbind(0), std):
+                    branch.normal_(0.0, branch_std, generator=gen)
+            else:
+                full.normal_(0.0, std, generator=gen)
             param.copy_(_local_shard(full, param, tp_rank, tp_size))
 
 

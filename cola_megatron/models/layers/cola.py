@@ -17,9 +17,10 @@ Tensor parallelism (docs/design.md §3), chosen by ``config.cola_tp_scheme``:
 Weights replicated across TP that only see this rank's tokens (SP) carry ``sequence_parallel`` so megatron's
 ``finalize_model_grads`` sums their gradients over TP, exactly as for sequence-parallel norm weights.
 
-Slot contracts (megatron-core 0.16/0.19): qkv/fc1 return this rank's output shard (qkv interleaved per head as
-``[q_h k_h v_h]``, fc1 as ``[gate_shard ; up_shard]``); proj/fc2 take this rank's shard and return the full hidden
-state reduced over TP (sequence-sharded under SP). Each returns ``(output, None)``: no bias.
+Slot contracts (megatron-core 0.16/0.19): qkv/fc1 return this rank's output shard (qkv per query group as
+``[q heads of the group, k_g, v_g]``, i.e. ``[q_h k_h v_h]`` per head under multi-head attention; fc1 as
+``[gate_shard ; up_shard]``); proj/fc2 take this rank's shard and return the full hidden state reduced over TP
+(sequence-sharded under SP). Each returns ``(output, None)``: no bias.
 """
 
 from __future__ import annotations
@@ -55,20 +56,39 @@ def cola_init_std(rank: int, d_in: int, d_out: int) -> float:
 def _interleave(outputs: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
     """Lay ``n`` branch outputs out as ``groups`` consecutive blocks of ``[branch_0 | … | branch_n-1]``.
 
-    groups = local heads gives megatron's per-head q|k|v layout; groups = 1 gives ``[gate ; up]``.
+    groups = local query groups gives megatron's q|k|v layout (per group: its query heads, then its k and v head;
+    one head each under multi-head attention); groups = 1 gives ``[gate ; up]``.
     """
     if len(outputs) == 1:
         return outputs[0]
     lead = outputs[0].shape[:-1]
-    stacked = torch.stack([o.reshape(*lead, groups, -1) for o in outputs], dim=-2)
-    return stacked.reshape(*lead, -1)
+    return torch.cat([o.reshape(*lead, groups, -1) for o in outputs], dim=-1).reshape(*lead, -1)
+
+
+def _equal_runs(sizes: Sequence[int]) -> list:
+    """``(start, count)`` of each run of equal consecutive sizes: [d, kv, kv] → [(0, 1), (1, 2)]."""
+    runs = []
+    for i, size in enumerate(sizes):
+        if runs and sizes[runs[-1][0]] == size:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, 1])
+    return [tuple(run) for run in runs]
 
 
 class _CoLASlot(MegatronModule):
-    """Shared set-up of a CoLA slot: ``n`` projections d_in → d_out_branch with one fused A."""
+    """Shared set-up of a CoLA slot: ``n`` projections d_in → d_out of each branch, with one fused A.
+
+    The A's are one ``(n, r, d_in)`` tensor ``a_weight``. The B's are stacked by width: ``b_weight`` holds the
+    leading branches of equal output width, ``(count, d_out, r)``; a slot whose later branches are narrower
+    (q|k|v under grouped-query attention: q, then k and v with ``groups·head_dim`` rows) holds those in
+    ``b_kv_weight``. Multi-head slots have ``b_weight`` only, so their checkpoints are unchanged.
+    """
 
     num_branches: int = 1
     column_type: bool = True
+    # Parameter names of the B stacks, by run of equal-width branches.
+    B_NAMES = ("b_weight", "b_kv_weight")
 
     def __init__(
         self,
@@ -92,11 +112,9 @@ class _CoLASlot(MegatronModule):
         self.tp_size = self.tp_group.size()
         self.sequence_parallel = config.sequence_parallel
         n, r = self.num_branches, config.cola_rank
-        if output_size % n:
-            raise ValueError(f"{type(self).__name__}: output size {output_size} is not {n} equal branches")
         self.rank = r
         self.input_size = input_size
-        self.branch_size = output_size // n
+        self.branch_sizes = self._branch_sizes(output_size)
         tp = self.tp_size
 
         def sharded(size: int, what: str) -> int:
@@ -104,31 +122,53 @@ class _CoLASlot(MegatronModule):
                 raise ValueError(f"{type(self).__name__}: {what}={size} is not divisible by tensor parallel size {tp}")
             return size // tp
 
-        # (A shape, A's TP axis, B shape, B's TP axis); axis None = replicated.
+        # A: (shape, TP axis); a stack of ``count`` B's of output width ``width``: (shape, TP axis). None = replicated.
         if self.column_type and scheme == "bottleneck":
             a_shape, a_axis = (n, r, input_size), None
-            b_shape, b_axis = (n, sharded(self.branch_size, "output size"), r), 1
-        elif self.column_type:  # pair
+        elif scheme == "pair":
             a_shape, a_axis = (n, sharded(r, "rank"), input_size), 1
-            b_shape, b_axis = (n, self.branch_size, sharded(r, "rank")), 2
-        elif scheme == "bottleneck":  # row-type
+        else:  # row-type bottleneck
             a_shape, a_axis = (n, r, sharded(input_size, "input size")), 2
-            b_shape, b_axis = (n, self.branch_size, r), None
-        else:  # row-type pair
-            a_shape, a_axis = (n, sharded(r, "rank"), input_size), 1
-            b_shape, b_axis = (n, self.branch_size, sharded(r, "rank")), 2
-        std = config.cola_init_std or cola_init_std(r, input_size, self.branch_size)
-        self.a_weight = self._make_weight(a_shape, a_axis, std)
-        self.b_weight = self._make_weight(b_shape, b_axis, std)
-        self._tp_axis_map = {name: axis for name, axis in (("a_weight", a_axis), ("b_weight", b_axis)) if axis is not None}
+
+        def b_layout(count: int, width: int):
+            if self.column_type and scheme == "bottleneck":
+                return (count, sharded(width, "output size"), r), 1
+            if scheme == "pair":
+                return (count, width, sharded(r, "rank")), 2
+            return (count, width, r), None
+        # The paper's init per projection, with its own d_out (k and v are narrower under GQA).
+        stds = [config.cola_init_std or cola_init_std(r, input_size, width) for width in self.branch_sizes]
+        self.a_weight = self._make_weight(a_shape, a_axis, stds[0] if len(set(stds)) == 1 else tuple(stds))
+        self._tp_axis_map = {"a_weight": a_axis} if a_axis is not None else {}
+        self._b_names = []
+        runs = _equal_runs(self.branch_sizes)
+        for name, (start, count) in zip(self.B_NAMES[:len(runs)], runs, strict=True):
+            shape, axis = b_layout(count, self.branch_sizes[start])
+            setattr(self, name, self._make_weight(shape, axis, stds[start]))
+            self._b_names.append(name)
+            if axis is not None:
+                self._tp_axis_map[name] = axis
+
+    def _branch_sizes(self, output_size: int) -> list:
+        """Output width of each branch (unsplit); equal by default."""
+        n = self.num_branches
+        if output_size % n:
+            raise ValueError(f"{type(self).__name__}: output size {output_size} is not {n} equal branches")
+        return [output_size // n] * n
+
+    def b_weights(self) -> list:
+        """Each branch's B, (d_out shard, r) or (d_out, r shard), in branch order."""
+        return [b for name in self._b_names for b in getattr(self, name).unbind(0)]
 
     def _make_weight(self, shape, tp_axis, std) -> torch.nn.Parameter:
         device = torch.device("cpu") if self.config.use_cpu_initialization else torch.cuda.current_device()
         weight = torch.nn.Parameter(torch.empty(shape, dtype=self.config.params_dtype, device=device))
         if self.config.perform_initialization:
-            torch.nn.init.normal_(weight, 0.0, std)
+            for part, part_std in zip(weight if isinstance(std, tuple) else [weight],
+                                      std if isinstance(std, tuple) else [std]):
+                torch.nn.init.normal_(part, 0.0, part_std)
         set_tensor_model_parallel_attributes(weight, tp_axis is not None, -1 if tp_axis is None else tp_axis, 1)
-        weight.init_std = std
+        weight.init_std = std  # a tuple: one std per branch (dim 0), see models/init.py
         # Replicated weights that see only this rank's tokens need their gradient summed over TP (as SP norms do).
         weight.sequence_parallel = tp_axis is None and self.sequence_parallel
         return weight
@@ -149,7 +189,7 @@ class _CoLASlot(MegatronModule):
     def reference_layout(self) -> list:
         """This rank's weights as the reference implementation stores them, one ``(cola_a, cola_b)`` per branch:
         ``cola_a`` (d_in, r) and ``cola_b`` (r, d_out), so that ``y = silu(x @ cola_a) @ cola_b``."""
-        return [(self.a_weight[i].t(), self.b_weight[i].t()) for i in range(self.num_branches)]
+        return [(a.t(), b.t()) for a, b in zip(self.a_weight.unbind(0), self.b_weights())]
 
     def _fused_a(self) -> torch.Tensor:
         n, r, d = self.a_weight.shape
@@ -162,11 +202,12 @@ class _CoLASlot(MegatronModule):
         # split/unbind rather than indexing: their backward writes each slice's gradient once, where indexing
         # zero-fills a full-size gradient per branch.
         # σ runs once on the whole z (not per branch), so each GEMM reads the same strided slice as before.
-        r = self.b_weight.shape[2]
+        weights = self.b_weights()
+        r = weights[0].shape[1]
         if activated is None:
             activated = F.silu(z)
         return [ops.linear_of_silu(a, b, c)
-                for a, b, c in zip(activated.split(r, dim=-1), self.b_weight.unbind(0), z.split(r, dim=-1))]
+                for a, b, c in zip(activated.split(r, dim=-1), weights, z.split(r, dim=-1))]
 
     # The forward is split into encode (A, up to the pre-activation z) and decode (σ and B) so that CoLA-M
     # (cola_megatron.models.layers.cola_m) can store z and re-run only the decode side.
@@ -217,7 +258,7 @@ class _CoLAColumn(_CoLASlot):
         """This rank's output shard of each branch (q, k, v or gate, up) as separate tensors, not interleaved
         (the attention and MLP modules of cola_megatron.models.layers take them as they are)."""
         if self.scheme == "bottleneck" and self.sequence_parallel:
-            return list(_GatheredSiLUBranches.apply(z, self.tp_group, *self.b_weight.unbind(0)))
+            return list(_GatheredSiLUBranches.apply(z, self.tp_group, *self.b_weights()))
         if self.scheme == "bottleneck":
             # Without SP the region's forward is the identity: σ(z) is the same tensor on every rank.
             return self._branches(z, self._to_tensor_parallel_region(F.silu(z)))
@@ -297,17 +338,25 @@ class _CoLARow(_CoLASlot):
 
 
 class CoLAQKV(_CoLAColumn):
-    """``linear_qkv``: q, k, v projections, output interleaved per head ``[q_h k_h v_h]`` (multi-head attention)."""
+    """``linear_qkv``: q, k, v projections, output laid out as megatron's attention splits it: per query group,
+    its query heads then its k and v head (``[q_h k_h v_h]`` per head under multi-head attention).
+
+    Grouped-query attention (``num_query_groups`` < heads): q keeps ``heads·head_dim`` outputs, k and v have
+    ``groups·head_dim`` each, every one still ``B·σ(A·x)`` with its own rank-r bottleneck; the three A's stay one
+    fused GEMM. Under TP each rank holds ``groups/tp`` whole groups (and their query heads).
+    """
 
     num_branches = 3
 
-    def __init__(self, input_size: int, output_size: int, *, config, **kwargs):
-        if config.num_query_groups not in (None, config.num_attention_heads):
-            raise ValueError("CoLA supports multi-head attention only: set model.num_query_groups to null")
-        super().__init__(input_size, output_size, config=config, **kwargs)
+    def _branch_sizes(self, output_size: int) -> list:
+        c = self.config
+        q, kv = c.kv_channels * c.num_attention_heads, c.kv_channels * c.num_query_groups
+        if output_size != q + 2 * kv:
+            raise ValueError(f"CoLAQKV: output size {output_size} is not q ({q}) + k and v ({kv} each)")
+        return [q, kv, kv]
 
     def _groups(self) -> int:
-        return self.config.num_attention_heads // self.tp_size
+        return self.config.num_query_groups // self.tp_size
 
 
 class CoLAFC1(_CoLAColumn):
