@@ -175,7 +175,7 @@ def test_kv_cache_holds_the_key_value_heads_only(export):
         step = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
         whole = model(ids).logits[:, -1]
     assert all(keys.shape[2] == 7 for keys, _ in cache_tensors(cache))
-    torch.testing.assert_close(step, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step, whole, atol=1e-5, rtol=1e-5)  # fp32 rounding of O(1) logits: ~1e-6
 
 
 def test_left_padded_batch_equals_single_prompts(export):
@@ -242,7 +242,7 @@ def test_hidden_states_and_eager_attentions(export, monkeypatch):
         assert not calls, "attn_implementation='eager' must not run SDPA"
         sdpa(ids)
         assert calls, "the default implementation is SDPA"
-    torch.testing.assert_close(eager_out.logits, out.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eager_out.logits, out.logits, atol=1e-5, rtol=1e-5)  # fp32 rounding of O(1) logits: ~1e-6
     (weights, *_) = eager_out.attentions
     assert len(eager_out.attentions) == 2 and weights.shape == (1, 4, 7, 7)
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 4, 7))
@@ -296,7 +296,7 @@ def test_gradient_checkpointing_recomputes_layers_with_the_same_gradients(export
     assert forward == layers and sorted(backward) == layers, (forward, backward)
     checkpointed = grads(model)
     assert set(checkpointed) == set(plain) and len(plain) == len(list(model.parameters()))
-    for name, grad in plain.items():
+    for name, grad in plain.items():  # fp32: the recomputed forward may order its sums differently (~1e-7)
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
@@ -402,6 +402,8 @@ def test_trainer_gradient_accumulation_equals_one_doubled_batch(export, tmp_path
         got_loss, got = train(micro_batch, accumulation)
         assert got_loss == pytest.approx(loss.item(), rel=1e-5), (micro_batch, accumulation)
         assert set(got) == set(want)
+        # fp32 gradients summed over micro-batches in another grouping: rounding of about 1e-7 of their scale,
+        # relatively larger on near-zero elements; a wrong loss weighting is off by 1e-1 or more.
         for name, grad in want.items():
             torch.testing.assert_close(got[name], grad, atol=1e-6, rtol=1e-4, msg=f"{name} ({micro_batch}x{accumulation})")
 

@@ -39,6 +39,13 @@ def tiny_config(**overrides):
     return ColaConfig(**fields)
 
 
+# Two fp32 computations of the same logits (incremental vs whole, padded vs unpadded, eager vs SDPA, the shipped
+# code vs a hand-written forward) order their sums differently: tiny_model's logits are of order 1, and the rounding
+# of its few dozen-term sums stays near 1e-6 on any CPU's kernels, so 1e-5 absolute plus relative bounds it with a
+# tenfold margin; a masking, cache or layout bug moves logits by 1e-2 or more.
+FP32_LOGITS = dict(atol=1e-5, rtol=1e-5)
+
+
 def tiny_model(seed=0, **overrides):
     """A tiny model with larger-than-default random weights, so that layout or masking bugs move the logits."""
     torch.manual_seed(seed)
@@ -220,7 +227,7 @@ def test_whole_model_matches_reference_forward(only_lr_act, kv_heads):
     with torch.no_grad():
         logits = model(input_ids).logits
         want = reference_logits(model.state_dict(), model.config, input_ids)
-    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, want, **FP32_LOGITS)
 
 
 def test_loss_is_next_token_cross_entropy():
@@ -288,7 +295,7 @@ def test_incremental_decoding_matches_full_forward():
             cache = out.past_key_values
             steps.append(out.logits)
     assert cache.get_seq_length() == 10
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, **FP32_LOGITS)
 
 
 def test_left_padding_gives_the_unpadded_result():
@@ -301,8 +308,8 @@ def test_left_padding_gives_the_unpadded_result():
     mask[0, :pad] = 0
     with torch.no_grad():
         logits = model(batch, attention_mask=mask).logits
-        torch.testing.assert_close(logits[0, pad:], model(short).logits[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(logits[1], model(long).logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[0, pad:], model(short).logits[0], **FP32_LOGITS)
+        torch.testing.assert_close(logits[1], model(long).logits[0], **FP32_LOGITS)
 
         generated = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         alone = model.generate(
@@ -378,10 +385,10 @@ def test_eager_attention_matches_sdpa_with_padding_and_cache():
     mask[0, :3] = 0
     with torch.no_grad():
         torch.testing.assert_close(eager(ids, attention_mask=mask).logits, sdpa(ids, attention_mask=mask).logits,
-                                   atol=1e-5, rtol=1e-5)
+                                   **FP32_LOGITS)
         cached = eager(ids[:, :6], attention_mask=mask[:, :6], use_cache=True)
         step = eager(ids[:, 6:], attention_mask=mask, past_key_values=cached.past_key_values, use_cache=True)
-        torch.testing.assert_close(step.logits, sdpa(ids, attention_mask=mask).logits[:, 6:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(step.logits, sdpa(ids, attention_mask=mask).logits[:, 6:], **FP32_LOGITS)
 
 
 def test_loss_with_num_items_in_batch_is_the_sum_over_that_count():
