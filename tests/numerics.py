@@ -66,10 +66,11 @@ def assert_same_function(got: torch.Tensor, want: torch.Tensor, tolerance: float
 # which has no float64 mode, so the bound is derived from fp32 rounding instead: one step's loss and gradients
 # differ between the two ways by the rounding of their reductions, about 1e-7 relative (a few ulps of 2^-24); the
 # optimizer carries that into the next steps' weights, and each further step of at most lr 3e-3 over these small
-# models adds about as much again. Over the at most eight steps compared the histories stay within about 1e-6
-# relative; 1e-5 is ten times that. A real difference between the two ways (a dropped or misplaced shard, a wrong
-# gradient scale or activation) changes the first step's gradients by 1e-3 or more and the second loss by far more
-# than 1e-5.
+# models adds about as much again. Measured over every history compared here (test_trainer, test_layout_product,
+# test_checkpoint, test_bench): at most 1.8e-7 relative with AVX-512 kernels and 9.0e-7 with the baseline ones (the
+# layout product's resume), so 1e-5 keeps a tenfold margin. A real difference between the two ways (a dropped or
+# misplaced shard, a wrong activation or loss weighting) changes the losses by 1e-3 or more, as the negative
+# controls in test_tensor_parallel show for the same models.
 TRAJECTORY_RTOL = 1e-5
 
 
