@@ -20,7 +20,8 @@ Face code here train it like any other row, because the tokenizers this project 
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,6 +46,89 @@ MODEL_TENSORS = {
 }
 
 
+# A dense (LLaMA) layer: megatron slot → the Hugging Face LLaMA projections it fuses. linear_qkv holds, for each
+# query group, that group's query heads then its key head then its value head; linear_fc1 is [gate; up].
+DENSE_SLOTS = {
+    "self_attention.linear_qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                         "self_attn.v_proj.weight"),
+    "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
+    "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),
+}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One megatron tensor (by its TP=1 state-dict name) and the reference tensors it holds.
+
+    ``kind`` says how they relate: ``same`` (one tensor, unchanged), ``cola`` (CoLA factors: branch i of the fused
+    megatron tensor is reference tensor i transposed), ``cat`` (reference tensors stacked along rows, e.g. [gate; up])
+    or ``qkv`` (rows grouped per query group: ``groups`` blocks of ``split`` rows, one part per reference tensor).
+    """
+
+    megatron: str
+    reference: Tuple[str, ...]
+    kind: str = "same"
+    split: Tuple[int, ...] = ()
+    groups: int = 1
+
+
+def layer_units(m: ModelConfig, i: int) -> List[Unit]:
+    """The units of layer ``i`` in writing order."""
+    prefix, ref = f"decoder.layers.{i}.", f"model.layers.{i}."
+    units = [Unit(prefix + meg, (ref + name,)) for meg, name in LAYER_TENSORS.items()]
+    if m.arch == "cola":
+        for slot, projections in SLOTS.items():
+            for factor, suffix in (("a_weight", "cola_a"), ("b_weight", "cola_b")):
+                units.append(Unit(f"{prefix}{slot}.{factor}", tuple(f"{ref}{p}.{suffix}" for p in projections), "cola"))
+        return units
+    head_dim = m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    per_group_q = m.num_attention_heads // groups * head_dim
+    for slot, projections in DENSE_SLOTS.items():
+        names = tuple(ref + p for p in projections)
+        if slot.endswith("linear_qkv.weight"):
+            units.append(Unit(prefix + slot, names, "qkv", (per_group_q, head_dim, head_dim), groups))
+        else:
+            units.append(Unit(prefix + slot, names, "cat" if len(names) > 1 else "same"))
+    return units
+
+
+def unit_groups(m: ModelConfig) -> List[List[Unit]]:
+    """Every unit of a model, in the groups conversion streams: each whole-model tensor alone, then one group per
+    layer (reading and writing hold one group at a time)."""
+    whole = [Unit(meg, (ref,)) for meg, ref in MODEL_TENSORS.items()]
+    return [[whole[0]]] + [layer_units(m, i) for i in range(m.num_layers)] + [[u] for u in whole[1:]]
+
+
+def to_reference(unit: Unit, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The reference tensors of one megatron tensor (contiguous; transposes are fresh copies)."""
+    if unit.kind == "same":
+        return {unit.reference[0]: tensor}
+    if unit.kind == "cola":
+        if tensor.shape[0] != len(unit.reference):
+            raise ConversionError(f"{unit.megatron} holds {tensor.shape[0]} fused projections, expected "
+                                  f"{len(unit.reference)}: not a CoLA checkpoint of this code's layout")
+        return {name: tensor[branch].t().contiguous() for branch, name in enumerate(unit.reference)}
+    if unit.kind == "cat":
+        return {name: part.contiguous() for name, part in zip(unit.reference, tensor.chunk(len(unit.reference)))}
+    per_group = tensor.reshape(unit.groups, sum(unit.split), -1)
+    parts = per_group.split(list(unit.split), dim=1)
+    return {name: part.reshape(-1, tensor.shape[-1]).contiguous() for name, part in zip(unit.reference, parts)}
+
+
+def to_megatron(unit: Unit, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The inverse of :func:`to_reference`: ``tensors`` in the order of ``unit.reference``."""
+    if unit.kind == "same":
+        return tensors[0]
+    if unit.kind == "cola":
+        return torch.stack([t.t() for t in tensors])
+    if unit.kind == "cat":
+        return torch.cat(list(tensors))
+    d = tensors[0].shape[-1]
+    return torch.cat([t.reshape(unit.groups, -1, d) for t in tensors], dim=1).reshape(-1, d)
+
+
 def _take(state: Mapping[str, torch.Tensor], name: str, side: str) -> torch.Tensor:
     if name not in state:
         raise ConversionError(f"{side} weights have no tensor {name!r}: the checkpoint and its config disagree on "
@@ -55,53 +139,30 @@ def _take(state: Mapping[str, torch.Tensor], name: str, side: str) -> torch.Tens
 def _check_no_extra(state: Mapping[str, Any], used: set, side: str) -> None:
     extra = sorted(k for k in state if k not in used)
     if extra:
-        raise ConversionError(f"{side} weights hold tensors a CoLA model does not have: {extra[:8]}"
-                              f"{' …' if len(extra) > 8 else ''}; is this a CoLA checkpoint of the configured shape?")
+        raise ConversionError(f"{side} weights hold tensors the model does not have: {extra[:8]}"
+                              f"{' …' if len(extra) > 8 else ''}; is this a checkpoint of the configured shape?")
 
 
-def megatron_to_reference(state: Mapping[str, torch.Tensor], num_layers: int) -> Dict[str, torch.Tensor]:
-    """Unsplit megatron state dict → reference-named tensors (fresh contiguous copies for the transposes)."""
+def _all_units(m: ModelConfig) -> List[Unit]:
+    return [u for group in unit_groups(m) for u in group]
+
+
+def megatron_to_reference(state: Mapping[str, torch.Tensor], m: ModelConfig) -> Dict[str, torch.Tensor]:
+    """Unsplit megatron state dict → reference-named tensors (whole models in memory: for small models and tests;
+    conversion streams :func:`unit_groups`)."""
     state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    out, used = {}, set()
-    for meg, ref in MODEL_TENSORS.items():
-        out[ref] = _take(state, meg, "megatron")
-        used.add(meg)
-    for i in range(num_layers):
-        prefix = f"decoder.layers.{i}."
-        for meg, ref in LAYER_TENSORS.items():
-            out[f"model.layers.{i}.{ref}"] = _take(state, prefix + meg, "megatron")
-            used.add(prefix + meg)
-        for slot, projections in SLOTS.items():
-            a = _take(state, f"{prefix}{slot}.a_weight", "megatron")
-            b = _take(state, f"{prefix}{slot}.b_weight", "megatron")
-            used.update((f"{prefix}{slot}.a_weight", f"{prefix}{slot}.b_weight"))
-            if a.shape[0] != len(projections) or b.shape[0] != len(projections):
-                raise ConversionError(f"{prefix}{slot} holds {a.shape[0]} fused projections, expected "
-                                      f"{len(projections)}: not a CoLA checkpoint of this code's layout")
-            for branch, proj in enumerate(projections):
-                out[f"model.layers.{i}.{proj}.cola_a"] = a[branch].t().contiguous()
-                out[f"model.layers.{i}.{proj}.cola_b"] = b[branch].t().contiguous()
-    _check_no_extra(state, used, "megatron")
+    out = {}
+    for unit in _all_units(m):
+        out.update(to_reference(unit, _take(state, unit.megatron, "megatron")))
+    _check_no_extra(state, {u.megatron for u in _all_units(m)}, "megatron")
     return out
 
 
-def reference_to_megatron(state: Mapping[str, torch.Tensor], num_layers: int) -> Dict[str, torch.Tensor]:
+def reference_to_megatron(state: Mapping[str, torch.Tensor], m: ModelConfig) -> Dict[str, torch.Tensor]:
     """Reference-named tensors → the unsplit megatron state dict (the inverse of :func:`megatron_to_reference`)."""
-    out, used = {}, set()
-    for meg, ref in MODEL_TENSORS.items():
-        out[meg] = _take(state, ref, "Hugging Face")
-        used.add(ref)
-    for i in range(num_layers):
-        prefix = f"decoder.layers.{i}."
-        for meg, ref in LAYER_TENSORS.items():
-            out[prefix + meg] = _take(state, f"model.layers.{i}.{ref}", "Hugging Face")
-            used.add(f"model.layers.{i}.{ref}")
-        for slot, projections in SLOTS.items():
-            names = [f"model.layers.{i}.{proj}" for proj in projections]
-            used.update(n + suffix for n in names for suffix in (".cola_a", ".cola_b"))
-            out[f"{prefix}{slot}.a_weight"] = torch.stack([_take(state, n + ".cola_a", "Hugging Face").t() for n in names])
-            out[f"{prefix}{slot}.b_weight"] = torch.stack([_take(state, n + ".cola_b", "Hugging Face").t() for n in names])
-    _check_no_extra(state, used, "Hugging Face")
+    units = _all_units(m)
+    out = {u.megatron: to_megatron(u, [_take(state, n, "Hugging Face") for n in u.reference]) for u in units}
+    _check_no_extra(state, {n for u in units for n in u.reference}, "Hugging Face")
     return out
 
 
