@@ -87,15 +87,15 @@ def build_chunks(cfg: Config) -> List[torch.nn.Module]:
     return chunks
 
 
-def check_checkpoint_matches(chunks: Sequence[torch.nn.Module], ckpt_dir: str) -> None:
-    """Every tensor these chunks need is in the checkpoint with the same global shape, else one clear error
-    (before megatron reads any data)."""
+def check_checkpoint_matches(model_state: Dict[str, dict], ckpt_dir: str) -> None:
+    """Every tensor of a model sharded state dict (:func:`model_layout_state`) is in the checkpoint with the same
+    global shape, else one clear error (before any data is read)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     stored = dist_checkpointing.load_tensors_metadata(ckpt_dir)
     problems = set()
-    for entries in ckpt_lib.model_sharded_state_dict(chunks).values():
+    for entries in model_state.values():
         for entry in entries.values():
             if not isinstance(entry, ShardedTensor):
                 continue
@@ -215,7 +215,9 @@ class CheckpointReader:
         self.ckpt_dir = ckpt_dir
         self.cfg = unsplit(cfg)
         initialize(self.cfg)
-        (self.entries,) = model_layout_state(self.cfg).values()
+        state = model_layout_state(self.cfg)
+        check_checkpoint_matches(state, ckpt_dir)
+        (self.entries,) = state.values()
         self.dtype = stored_dtype(ckpt_dir)
         self.storage = FileSystemReader(ckpt_dir)
         self.metadata = self.storage.read_metadata()

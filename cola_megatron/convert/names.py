@@ -227,12 +227,32 @@ def plain_reference_names(stored: Iterable[str], source: str = "the checkpoint")
 
 
 def hf_config_fields(m: ModelConfig, special_ids: Optional[Mapping[str, Optional[int]]] = None) -> Dict[str, Any]:
-    """``ColaConfig`` keyword arguments for a run's model section."""
-    if m.arch != "cola":
-        raise ConversionError(f"model.arch is {m.arch!r}: only CoLA models export to the 'cola' Hugging Face format")
+    """``ColaConfig`` keyword arguments for a run's model section (``LlamaConfig`` ones for a dense model)."""
+    ids = dict(special_ids or {})
+    if m.arch == "dense":
+        return dict(
+            vocab_size=m.vocab_size,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.padded_ffn_hidden_size,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_query_groups or m.num_attention_heads,
+            head_dim=m.hidden_size // m.num_attention_heads,
+            hidden_act="silu",
+            max_position_embeddings=m.max_position_embeddings or m.seq_length,
+            rms_norm_eps=m.norm_eps,
+            rope_theta=m.rope_theta,
+            initializer_range=m.init_std,
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+            bos_token_id=ids.get("bos_token_id"),
+            eos_token_id=ids.get("eos_token_id"),
+            pad_token_id=ids.get("pad_token_id"),
+            architectures=["LlamaForCausalLM"],
+        )
     if m.num_query_groups not in (None, m.num_attention_heads):
         raise ConversionError("CoLA exports are multi-head attention: model.num_query_groups must be null")
-    ids = dict(special_ids or {})
     return dict(
         vocab_size=m.vocab_size,
         hidden_size=m.hidden_size,
@@ -294,16 +314,18 @@ def special_token_ids(raw: Mapping[str, Any]) -> Dict[str, Optional[int]]:
 
 
 def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, only_lr_act: Optional[bool] = None,
-                          dense: bool = False, source: str = "config.json") -> Dict[str, Any]:
+                          dense: bool = False, source: str = "config.json", keep_dense: bool = False
+                          ) -> Dict[str, Any]:
     """The ``model`` section of a run config for a Hugging Face config: a CoLA one, or (``dense=True``, ``rank``
-    given) a dense LLaMA one, whose grouped k/v heads and tied embeddings the SVD initialisation expands.
+    given) a dense LLaMA one, whose grouped k/v heads and tied embeddings the SVD initialisation expands, or
+    (``keep_dense=True``) a dense run of the LLaMA's own shape.
 
     Accepts the reference implementation's spellings: ``max_sequence_length`` for the context length, and fills
     omitted fields with the reference's defaults (:data:`REFERENCE_DEFAULTS`, e.g. ``only_lr_act`` true).
     """
     missing = [k for k in REQUIRED_HF_FIELDS if raw.get(k) is None]
     rank = rank if rank is not None else raw.get("rank")
-    if rank is None:
+    if rank is None and not keep_dense:
         missing.append("rank")
     if missing:
         raise ConversionError(f"{source} lacks {missing}: it does not describe a complete model")
@@ -314,7 +336,10 @@ def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, on
     if raw.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported; the LLaMA MLP uses silu")
     kv_heads = raw.get("num_key_value_heads") or heads
-    if not dense and kv_heads != heads:
+    if keep_dense and raw.get("tie_word_embeddings"):
+        raise ConversionError(f"{source} ties the output layer to the embeddings; dense runs here have an untied "
+                              "output layer (convert with from-dense for a CoLA warm start instead)")
+    if not dense and not keep_dense and kv_heads != heads:
         raise ConversionError(f"{source}: num_key_value_heads {kv_heads} != num_attention_heads {heads}; CoLA models "
                               "use multi-head attention")
     if not dense and raw.get("tie_word_embeddings"):
@@ -333,6 +358,21 @@ def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, on
     theta = raw.get("rope_theta") or rope.get("rope_theta") or defaults["rope_theta"]
     context = raw.get("max_position_embeddings") or raw.get("max_sequence_length") or defaults["max_position_embeddings"]
     only = raw.get("only_lr_act", defaults["only_lr_act"]) if only_lr_act is None else only_lr_act
+    if keep_dense:
+        return dict(
+            arch="dense",
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            ffn_hidden_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_query_groups=kv_heads if kv_heads != heads else None,
+            max_position_embeddings=int(context),
+            seq_length=min(int(context), ModelConfig().seq_length),
+            norm_eps=float(raw.get("rms_norm_eps") or defaults["rms_norm_eps"]),
+            rope_theta=float(theta),
+            init_std=float(raw.get("initializer_range") or defaults["initializer_range"]),
+        )
     return dict(
         arch="cola",
         vocab_size=raw["vocab_size"],
