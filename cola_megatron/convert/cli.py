@@ -266,7 +266,10 @@ COMMANDS = {"to-hf": to_hf, "from-hf": from_hf, "reshard": reshard, "from-dense"
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
+    from cola_megatron.convert.memory import return_freed_buffers
+
     args = build_parser().parse_args(argv)
+    return_freed_buffers()
     try:
         COMMANDS[args.command](args)
     finally:

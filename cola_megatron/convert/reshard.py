@@ -83,6 +83,9 @@ def _spawned_rank(rank: int, world_size: int, port: int, errors, args) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
 
+    from cola_megatron.convert.memory import return_freed_buffers
+
+    return_freed_buffers()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # the ranks share this machine's cores
     try:
         write_rank(*args)

@@ -123,7 +123,9 @@ class _CoLASlot(MegatronModule):
         self._tp_axis_map = {name: axis for name, axis in (("a_weight", a_axis), ("b_weight", b_axis)) if axis is not None}
 
     def _make_weight(self, shape, tp_axis, std) -> torch.nn.Parameter:
-        device = torch.device("cpu") if self.config.use_cpu_initialization else torch.cuda.current_device()
+        # CPU initialisation allocates on the default device: the CPU, or the meta device when conversion builds a
+        # model only for its sharded state dict's layout.
+        device = torch.get_default_device() if self.config.use_cpu_initialization else torch.cuda.current_device()
         weight = torch.nn.Parameter(torch.empty(shape, dtype=self.config.params_dtype, device=device))
         if self.config.perform_initialization:
             torch.nn.init.normal_(weight, 0.0, std)
