@@ -226,6 +226,19 @@ def plan(*args: str, files: Dict[str, bytes] = None):
     return setup
 
 
+def convert(*args: str, files: Dict[str, bytes] = None):
+    def setup(work: Path) -> List[str]:
+        for name, content in (files or {}).items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_bytes(content)
+        return ["cola-convert", *args]
+    return setup
+
+
+TIED_LLAMA = json.dumps({"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+                         "num_hidden_layers": 2, "num_attention_heads": 4, "tie_word_embeddings": True}).encode()
+
+
 # --- resuming a saved run, and damaging its checkpoint (items 2, 5, 6) ---------------------------------------------
 
 SAVED_ITERS = 2
@@ -415,6 +428,10 @@ CASES = [
          r"holds NaN/inf weights .*Fix: convert an earlier checkpoint", checkpoint=True),
     Case("to-hf-truncated-shard", resume(damage=truncate_shard, command="to-hf"), 2,
          r"__0_0\.distcp has \d+ bytes", checkpoint=True),
+    Case("to-hf-bad-shard-size", convert("to-hf", "ckpt", "hf", "--no-tokenizer", "--max-shard-size", "lots"), 2,
+         r"--max-shard-size 'lots' is not a size: pass e\.g\. 5GB", checkpoint=True),
+    Case("from-hf-tied-llama", convert("from-hf", "llama", "out", files={"llama/config.json": TIED_LLAMA}), 2,
+         r"ties the output layer to the embeddings.*Fix: save lm_head\.weight"),
 ]
 
 

@@ -182,8 +182,9 @@ def parse_size(size: str) -> int:
         from huggingface_hub.serialization._base import parse_size_to_int
 
         return parse_size_to_int(size)
-    except (ValueError, TypeError) as e:
-        raise ConversionError(f"--max-shard-size {size!r}: {e}") from None
+    except (ValueError, TypeError):
+        raise ConversionError(f"--max-shard-size {size!r} is not a size: pass e.g. 5GB, 500MB or a number of "
+                              "bytes") from None
 
 
 def hf_config(config_fields: Mapping[str, Any], dtype: str, tokenizer_file: Optional[str]):

@@ -77,6 +77,10 @@ def _children() -> Dict[int, List[int]]:
     return tree
 
 
+def children_of(pid: int) -> List[int]:
+    return _children().get(pid, [])
+
+
 def process_tree(pid: int) -> List[int]:
     """``pid`` and all its descendants."""
     tree, found, todo = _children(), [], [pid]

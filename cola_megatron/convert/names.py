@@ -337,8 +337,9 @@ def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, on
         raise ConversionError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported; the LLaMA MLP uses silu")
     kv_heads = raw.get("num_key_value_heads") or heads
     if keep_dense and raw.get("tie_word_embeddings"):
-        raise ConversionError(f"{source} ties the output layer to the embeddings; dense runs here have an untied "
-                              "output layer (convert with from-dense for a CoLA warm start instead)")
+        raise ConversionError(f"{source} ties the output layer to the embeddings, and dense runs here have an "
+                              "untied one. Fix: save lm_head.weight as a tensor of its own (tie_word_embeddings "
+                              "false), or use from-dense for a CoLA warm start, which unties it")
     if not dense and not keep_dense and kv_heads != heads:
         raise ConversionError(f"{source}: num_key_value_heads {kv_heads} != num_attention_heads {heads}; CoLA models "
                               "use multi-head attention")
