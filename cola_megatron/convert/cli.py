@@ -226,32 +226,49 @@ def reshard(args) -> None:
 
 def from_dense(args) -> None:
     from cola_megatron.convert import dense, hf_io, megatron_io, names
+    from cola_megatron.convert.progress import Progress
 
     raw = hf_io.read_config_json(args.hf_dir, "llama")
     section = names.model_section_from_hf(raw, rank=args.rank, only_lr_act=args.only_lr_act, dense=True,
                                           source=os.path.join(args.hf_dir, "config.json"))
     cfg = _run_config(section, args.config, None)  # validates the rank against the model's widths
     megatron_io.require_new_output(args.output)
-    weights = hf_io.WeightReader(args.hf_dir)
-    reference, errors = dense.cola_from_dense(raw, weights, args.rank)
+    factors = dense.CoLAFactors(raw, hf_io.WeightReader(args.hf_dir), args.rank)
+    groups = names.unit_groups(cfg.model)
+    fields = names.hf_config_fields(cfg.model, {k: raw.get(k) for k in names.SPECIAL_TOKEN_FIELDS})
+    shapes = hf_io.expected_shapes(hf_io.hf_config(fields, "float32", None))
+    layout = [(n, shapes[n]) for g in groups for u in g for n in u.reference]
+    progress = Progress(sum(factors.dtype.itemsize * _numel(s) for _, s in layout), len(layout), "from-dense",
+                        not args.no_progress)
+    with _fresh_output(args.output):
+        if args.format == "hf":
+            hf_io.stream_export(args.output, layout, ((n, factors.get(n)) for n, _ in layout), fields,
+                                dtype={v: k for k, v in hf_io.DTYPES.items()}[factors.dtype], progress=progress)
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if os.path.isfile(os.path.join(args.hf_dir, name)):
+                    shutil.copyfile(os.path.join(args.hf_dir, name), os.path.join(args.output, name))
+            written = args.output
+        else:
+            tokenizer = _copy_tokenizer(args.hf_dir, args.output)
+            if tokenizer:
+                cfg = _run_config(section, args.config, tokenizer)
+
+            def fill(state):
+                (entries,) = state.values()
+                for group in groups:
+                    for unit in group:
+                        parts = [factors.get(n) for n in unit.reference]
+                        entries[unit.megatron].data.copy_(names.to_megatron(unit, parts))
+                        for p in parts:
+                            progress(p.numel() * p.element_size())
+
+            written = megatron_io.write_weights(megatron_io.unsplit(cfg), args.output, factors.dtype, fill)
+        progress.close()
     print("relative error ‖W − B·A‖_F / ‖W‖_F of the rank-{} truncated SVD per layer (SiLU between A and B makes "
           "the CoLA layer differ further):".format(args.rank))
-    for line in dense.format_errors(errors):
+    for line in dense.format_errors(factors.errors):
         print(line)
-    if args.format == "hf":
-        hf_io.write_export(args.output, reference, names.hf_config_fields(cfg.model, {
-            k: raw.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}))
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if os.path.isfile(os.path.join(args.hf_dir, name)):
-                shutil.copyfile(os.path.join(args.hf_dir, name), os.path.join(args.output, name))
-        print(f"wrote {args.output}")
-        return
-    tokenizer = _copy_tokenizer(args.hf_dir, args.output)
-    if tokenizer:
-        cfg = _run_config(section, args.config, tokenizer)
-    state = names.reference_to_megatron(reference, cfg.model)
-    ckpt = megatron_io.write_full_state(state, cfg, args.output)
-    print(f"wrote {ckpt}")
+    print(f"wrote {written}")
 
 
 def _release_process_groups() -> None:
