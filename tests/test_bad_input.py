@@ -226,8 +226,11 @@ def plan(*args: str, files: Dict[str, bytes] = None):
     return setup
 
 
-def convert(*args: str, files: Dict[str, bytes] = None):
+def convert(*args: str, files: Dict[str, bytes] = None, saved: bool = False):
+    """cola-convert with ``files`` written under work/ (and the saved run copied there first when ``saved``)."""
     def setup(work: Path) -> List[str]:
+        if saved:
+            shutil.copytree(ASSETS["saved"], work, dirs_exist_ok=True)
         for name, content in (files or {}).items():
             (work / name).parent.mkdir(parents=True, exist_ok=True)
             (work / name).write_bytes(content)
@@ -428,7 +431,7 @@ CASES = [
          r"holds NaN/inf weights .*Fix: convert an earlier checkpoint", checkpoint=True),
     Case("to-hf-truncated-shard", resume(damage=truncate_shard, command="to-hf"), 2,
          r"__0_0\.distcp has \d+ bytes", checkpoint=True),
-    Case("to-hf-bad-shard-size", convert("to-hf", "ckpt", "hf", "--no-tokenizer", "--max-shard-size", "lots"), 2,
+    Case("to-hf-bad-shard-size", convert("to-hf", "ckpt", "hf", "--no-tokenizer", "--max-shard-size", "lots", saved=True), 2,
          r"--max-shard-size 'lots' is not a size: pass e\.g\. 5GB", checkpoint=True),
     Case("from-hf-tied-llama", convert("from-hf", "llama", "out", files={"llama/config.json": TIED_LLAMA}), 2,
          r"ties the output layer to the embeddings.*Fix: save lm_head\.weight"),
