@@ -47,24 +47,6 @@ def expand_kv_heads(weight: torch.Tensor, heads: int, kv_heads: int) -> torch.Te
     return grouped.repeat_interleave(heads // kv_heads, dim=0).reshape(heads * head_dim, d)
 
 
-def dense_shapes(raw: Mapping) -> Dict[str, Tuple[int, ...]]:
-    d, ffn, vocab = raw["hidden_size"], raw["intermediate_size"], raw["vocab_size"]
-    heads = raw["num_attention_heads"]
-    kv = (raw.get("num_key_value_heads") or heads) * (d // heads)
-    io = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
-          "self_attn.o_proj": (d, d), "mlp.gate_proj": (ffn, d), "mlp.up_proj": (ffn, d), "mlp.down_proj": (d, ffn)}
-    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
-    if not raw.get("tie_word_embeddings"):
-        shapes["lm_head.weight"] = (vocab, d)
-    for i in range(raw["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (d,)
-        shapes[p + "post_attention_layernorm.weight"] = (d,)
-        for name, shape in io.items():
-            shapes[f"{p}{name}.weight"] = shape
-    return shapes
-
-
 class CoLAFactors:
     """Reference-named CoLA tensors of a dense LLaMA, computed on demand (``.get(name)``) one layer at a time: the
     SVDs of the layer asked for are kept until another layer is asked for, so memory holds one layer's factors.
@@ -72,8 +54,9 @@ class CoLAFactors:
 
     def __init__(self, raw: Mapping, weights, rank: int):
         from cola_megatron.convert.hf_io import check_shapes
+        from cola_megatron.convert.names import llama_shapes
 
-        check_shapes(weights.shapes, dense_shapes(raw), "dense LLaMA")
+        check_shapes(weights.shapes, llama_shapes(raw), "dense LLaMA")
         self.raw, self.weights, self.rank = raw, weights, rank
         self.heads = raw["num_attention_heads"]
         self.kv_heads = raw.get("num_key_value_heads") or self.heads

@@ -207,9 +207,9 @@ def hf_config(config_fields: Mapping[str, Any], dtype: str, tokenizer_file: Opti
 
 def expected_shapes(config) -> Dict[str, Tuple[int, ...]]:
     if config.model_type == "llama":
-        from cola_megatron.convert.dense import dense_shapes
+        from cola_megatron.convert.names import llama_shapes
 
-        return dense_shapes(config.to_dict())
+        return llama_shapes(config.to_dict())
     from cola_megatron.hf.modeling_cola import expected_parameter_shapes
 
     return expected_parameter_shapes(config)
@@ -396,11 +396,11 @@ def open_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], WeightReader, 
 
 def open_llama_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], WeightReader]:
     """config.json and a lazy reader of a dense LLaMA directory, shapes checked before any tensor is read."""
-    from cola_megatron.convert.dense import dense_shapes
+    from cola_megatron.convert.names import llama_shapes
 
     raw = read_config_json(model_dir, "llama")
     reader = WeightReader(model_dir)
-    check_shapes(reader.shapes, dense_shapes(raw), model_dir)
+    check_shapes(reader.shapes, llama_shapes(raw), model_dir)
     return raw, reader
 
 

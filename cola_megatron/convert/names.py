@@ -222,6 +222,25 @@ def plain_reference_names(stored: Iterable[str], source: str = "the checkpoint")
     return mapping, "CoLA-M" if cola_m else "CoLA"
 
 
+def llama_shapes(raw: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """The tensor shapes of a Hugging Face LLaMA of config ``raw`` (tied embeddings: no lm_head)."""
+    d, ffn, vocab = raw["hidden_size"], raw["intermediate_size"], raw["vocab_size"]
+    heads = raw["num_attention_heads"]
+    kv = (raw.get("num_key_value_heads") or heads) * (d // heads)
+    io = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+          "self_attn.o_proj": (d, d), "mlp.gate_proj": (ffn, d), "mlp.up_proj": (ffn, d), "mlp.down_proj": (d, ffn)}
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
+    if not raw.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (vocab, d)
+    for i in range(raw["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (d,)
+        shapes[p + "post_attention_layernorm.weight"] = (d,)
+        for name, shape in io.items():
+            shapes[f"{p}{name}.weight"] = shape
+    return shapes
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Configs
 
