@@ -636,3 +636,22 @@ def test_tool_script_reports_errors(tmp_path):
                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_progress_bar_shows_bytes_tensors_rate_only_on_a_terminal(monkeypatch):
+    import io
+
+    from cola_megatron.convert.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, enabled, shown in ((Terminal(), True, True), (Terminal(), False, False), (io.StringIO(), True, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = Progress(3 << 20, 2, "to-hf", enabled)
+        bar(1 << 20)
+        bar(2 << 20)
+        bar.close()
+        text = stream.getvalue()
+        assert ("2/2 tensors" in text and "3.15M/3.15M" in text and "B/s" in text and "<00:00" in text) == shown, text
