@@ -9,8 +9,11 @@ processes of a ``torchrun --nproc-per-node TP*PP`` launch).
 
 A run's checkpoint keeps its whole training state: each rank builds the trainer of the target layout (model,
 optimizer, scheduler), resumes it from the source with :class:`cola_megatron.training.checkpoint.CheckpointManager` and saves it
-again, so the run continues at the new layout where it stopped. A weights-only checkpoint (written by conversion)
-stays weights-only.
+again, so the run continues at the new layout where it stopped (and so needs the memory of that trainer). A
+weights-only checkpoint (written by conversion) stays weights-only and streams: each rank builds its model on the
+meta device, reads only its slices into file-backed scratch and writes them, so the ranks together need a few
+hundred MB each whatever the model size. A rank that dies (the kernel's OOM killer, a signal) ends the command in
+one line naming it, and the output is removed: no ``latest`` is left to pass for a complete checkpoint.
 """
 
 from __future__ import annotations
