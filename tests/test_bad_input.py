@@ -226,6 +226,22 @@ def plan(*args: str, files: Dict[str, bytes] = None):
     return setup
 
 
+def convert(*args: str, files: Dict[str, bytes] = None, saved: bool = False):
+    """cola-convert with ``files`` written under work/ (and the saved run copied there first when ``saved``)."""
+    def setup(work: Path) -> List[str]:
+        if saved:
+            shutil.copytree(ASSETS["saved"], work, dirs_exist_ok=True)
+        for name, content in (files or {}).items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_bytes(content)
+        return ["cola-convert", *args]
+    return setup
+
+
+TIED_LLAMA = json.dumps({"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
+                         "num_hidden_layers": 2, "num_attention_heads": 4, "tie_word_embeddings": True}).encode()
+
+
 # --- resuming a saved run, and damaging its checkpoint (items 2, 5, 6) ---------------------------------------------
 
 SAVED_ITERS = 2
@@ -455,6 +471,10 @@ CASES = [
          checkpoint=True),
     Case("from-hf-reference-layout-claiming-gqa", reference_dir_claiming_gqa, 2,
          r"reference implementation's layout but claims grouped-query attention .*cannot represent"),
+    Case("to-hf-bad-shard-size", convert("to-hf", "ckpt", "hf", "--no-tokenizer", "--max-shard-size", "lots", saved=True), 2,
+         r"--max-shard-size 'lots' is not a size: pass e\.g\. 5GB", checkpoint=True),
+    Case("from-hf-tied-llama", convert("from-hf", "llama", "out", files={"llama/config.json": TIED_LLAMA}), 2,
+         r"ties the output layer to the embeddings.*Fix: save lm_head\.weight"),
 ]
 
 

@@ -290,7 +290,7 @@ def _convert_everything(root):
     assert cli.main(["from-dense", dense_dir, warm, "--rank", "8"]) == 0
     warm_cfg = ckpt_lib.read_checkpoint_config(ckpt_lib.resolve_checkpoint(warm))
     results["warm"] = (warm_cfg.model.rank, names.megatron_to_reference(_state(_tp1_model(warm)),
-                                                                        warm_cfg.model.num_layers))
+                                                                        warm_cfg.model))
     results["warm_start_losses"] = _warm_start(warm_cfg, warm)
 
     # A checkpoint whose config does not describe its weights.
@@ -468,7 +468,7 @@ def test_from_hf_accepts_reference_checkpoints(converted):
 
     reference = converted["reference_state"]
     assert torch.equal(reference["model.embed_tokens.weight"][0], torch.zeros(MODEL["hidden_size"]))
-    want = names.reference_to_megatron(reference, MODEL["num_layers"])
+    want = names.reference_to_megatron(reference, run_config(True).model)
     loaded = converted["from_reference"]
     assert set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)
     assert converted["from_reference_only_lr_act"] is True
@@ -603,11 +603,14 @@ def test_unknown_model_type(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     code, err = _cli(capsys, "from-hf", str(tmp_path), str(tmp_path / "out"))
     assert code == 2 and "unknown model_type 'gpt2'" in err
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    code, err = _cli(capsys, "from-hf", str(tmp_path), str(tmp_path / "out"))
-    assert code == 2 and "from-dense" in err
+    assert "from-dense" not in err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))  # from-hf reads LLaMA into dense runs
+    for argv in (["from-hf"], ["from-dense", "--rank", "8"]):
+        code, err = _cli(capsys, argv[0], str(tmp_path), str(tmp_path / "out"), *argv[1:])
+        assert code == 2 and "lacks" in err
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "cola"}))
     code, err = _cli(capsys, "from-dense", str(tmp_path), str(tmp_path / "out"), "--rank", "8")
-    assert code == 2 and "lacks" in err
+    assert code == 2 and "from-hf" in err
 
 
 def _small_hf_dir(path, drop=(), **overrides):
@@ -713,3 +716,22 @@ def test_reference_layout_export_ships_no_code_and_refuses_gqa(tmp_path):
         names.model_section_from_hf(claimed)
     claimed["auto_map"] = ColaConfig(**exported).auto_map
     assert names.model_section_from_hf(claimed)["num_query_groups"] == 1
+
+
+def test_progress_bar_shows_bytes_tensors_rate_only_on_a_terminal(monkeypatch):
+    import io
+
+    from cola_megatron.convert.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, enabled, shown in ((Terminal(), True, True), (Terminal(), False, False), (io.StringIO(), True, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = Progress(3 << 20, 2, "to-hf", enabled)
+        bar(1 << 20)
+        bar(2 << 20)
+        bar.close()
+        text = stream.getvalue()
+        assert ("2/2 tensors" in text and "3.15M/3.15M" in text and "B/s" in text and "<00:00" in text) == shown, text

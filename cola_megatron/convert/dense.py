@@ -47,56 +47,61 @@ def expand_kv_heads(weight: torch.Tensor, heads: int, kv_heads: int) -> torch.Te
     return grouped.repeat_interleave(heads // kv_heads, dim=0).reshape(heads * head_dim, d)
 
 
-def dense_shapes(raw: Mapping) -> Dict[str, Tuple[int, ...]]:
-    d, ffn, vocab = raw["hidden_size"], raw["intermediate_size"], raw["vocab_size"]
-    heads = raw["num_attention_heads"]
-    kv = (raw.get("num_key_value_heads") or heads) * (d // heads)
-    io = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
-          "self_attn.o_proj": (d, d), "mlp.gate_proj": (ffn, d), "mlp.up_proj": (ffn, d), "mlp.down_proj": (d, ffn)}
-    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
-    if not raw.get("tie_word_embeddings"):
-        shapes["lm_head.weight"] = (vocab, d)
-    for i in range(raw["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (d,)
-        shapes[p + "post_attention_layernorm.weight"] = (d,)
-        for name, shape in io.items():
-            shapes[f"{p}{name}.weight"] = shape
-    return shapes
+class CoLAFactors:
+    """Reference-named CoLA tensors of a dense LLaMA, computed on demand (``.get(name)``) one layer at a time: the
+    SVDs of the layer asked for are kept until another layer is asked for, so memory holds one layer's factors.
+    ``errors`` collects each projection's relative approximation error, per layer."""
+
+    def __init__(self, raw: Mapping, weights, rank: int):
+        from cola_megatron.convert.hf_io import check_shapes
+        from cola_megatron.convert.names import llama_shapes
+
+        check_shapes(weights.shapes, llama_shapes(raw), "dense LLaMA")
+        self.raw, self.weights, self.rank = raw, weights, rank
+        self.heads = raw["num_attention_heads"]
+        self.kv_heads = raw.get("num_key_value_heads") or self.heads
+        self.dtype = weights.dtype()
+        self.errors: List[Dict[str, float]] = []
+        self._layer, self._factors = None, {}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name == "lm_head.weight" and self.raw.get("tie_word_embeddings"):
+            return self.weights.get("model.embed_tokens.weight").clone()
+        if not name.endswith((".cola_a", ".cola_b")):
+            return self.weights.get(name)
+        projection, factor = name.rsplit(".", 1)
+        layer = int(projection.split(".")[2])
+        if layer != self._layer:
+            self._layer, self._factors = layer, {}
+            self.errors.append({})
+        if projection not in self._factors:
+            w = self.weights.get(projection + ".weight")
+            if projection.endswith(("self_attn.k_proj", "self_attn.v_proj")):
+                w = expand_kv_heads(w, self.heads, self.kv_heads)
+            if self.rank > min(w.shape):
+                raise ConversionError(f"rank {self.rank} exceeds the smaller side of {projection} {tuple(w.shape)}")
+            a, b, error = svd_factors(w, self.rank)
+            self._factors[projection] = (a.t().to(self.dtype).contiguous(), b.t().to(self.dtype).contiguous())
+            self.errors[-1][projection.split(".")[-1]] = error
+        return self._factors[projection][0 if factor == "cola_a" else 1]
 
 
 def cola_from_dense(raw: Mapping, weights, rank: int) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, float]]]:
-    """Reference-named CoLA tensors and, per layer, each projection's relative approximation error.
-
-    ``weights`` needs ``.shapes`` (checked first) and ``.get(name)`` (see :class:`hf_io.WeightReader`).
-    """
-    from cola_megatron.convert.hf_io import check_shapes
-
-    check_shapes(weights.shapes, dense_shapes(raw), "dense LLaMA")
-    heads = raw["num_attention_heads"]
-    kv_heads = raw.get("num_key_value_heads") or heads
-    state = {"model.embed_tokens.weight": weights.get("model.embed_tokens.weight"),
-             "model.norm.weight": weights.get("model.norm.weight")}
-    state["lm_head.weight"] = (weights.get("model.embed_tokens.weight").clone() if raw.get("tie_word_embeddings")
-                               else weights.get("lm_head.weight"))
-    errors = []
+    """Every reference-named CoLA tensor in memory (small models) and, per layer, each projection's relative
+    approximation error. ``weights`` needs ``.shapes``, ``.dtype()`` and ``.get(name)`` (see
+    :class:`hf_io.WeightReader`)."""
+    factors = CoLAFactors(raw, weights, rank)
+    state = {"model.embed_tokens.weight": factors.get("model.embed_tokens.weight"),
+             "model.norm.weight": factors.get("model.norm.weight"),
+             "lm_head.weight": factors.get("lm_head.weight")}
     for i in range(raw["num_hidden_layers"]):
         p = f"model.layers.{i}."
         for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            state[p + norm] = weights.get(p + norm)
-        layer_errors = {}
+            state[p + norm] = factors.get(p + norm)
         for name in PROJECTIONS:
-            w = weights.get(f"{p}{name}.weight")
-            if name in ("self_attn.k_proj", "self_attn.v_proj"):
-                w = expand_kv_heads(w, heads, kv_heads)
-            if rank > min(w.shape):
-                raise ConversionError(f"rank {rank} exceeds the smaller side of {p}{name} {tuple(w.shape)}")
-            a, b, error = svd_factors(w, rank)
-            state[f"{p}{name}.cola_a"] = a.t().contiguous()
-            state[f"{p}{name}.cola_b"] = b.t().contiguous()
-            layer_errors[name.split(".")[1]] = error
-        errors.append(layer_errors)
-    return state, errors
+            for factor in ("cola_a", "cola_b"):
+                state[f"{p}{name}.{factor}"] = factors.get(f"{p}{name}.{factor}")
+    return state, factors.errors
 
 
 def format_errors(errors: List[Dict[str, float]]) -> List[str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -95,36 +95,161 @@ def save_tokenizer(tokenizer_file: str, out_dir: str, model_max_length: int) -> 
         json.dump(tokenizer_config, f, indent=2)
 
 
-def write_export(out_dir: str, state: Mapping[str, torch.Tensor], config_fields: Mapping[str, Any],
-                 tokenizer_file: Optional[str] = None, max_shard_size: str = "5GB",
-                 dtype: str = "float32", ship_code: bool = True) -> None:
-    """A loadable Hugging Face directory from reference-named tensors and ``ColaConfig`` fields; without
-    ``ship_code``, for the reference implementation's own code (no auto_map, no shipped modeling files)."""
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+class SafetensorsShards:
+    """Safetensors files written one tensor at a time, in an order known in advance.
+
+    ``safetensors.torch.save_file`` (and ``huggingface_hub``'s sharded saving on top of it) needs every tensor of a
+    file in memory at once; a file's header (names, dtypes, shapes, byte ranges) only needs their shapes, so it is
+    written first and each tensor's bytes follow as the tensor is converted, then freed. Files are split like
+    Hugging Face's ``max_shard_size`` (``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``).
+    """
+
+    def __init__(self, out_dir: str, layout: Sequence[Tuple[str, Tuple[int, ...]]], dtype: torch.dtype,
+                 max_shard_size: int):
+        self.out_dir, self.dtype = out_dir, dtype
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        shards, size = [[]], 0
+        for name, shape in layout:
+            nbytes = itemsize * _numel(shape)
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), nbytes))
+            size += nbytes
+        count = len(shards)
+        self.files = [SAFETENSORS_FILE] if count == 1 else [
+            f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        self.shards = shards
+        self.total_bytes = sum(n for shard in shards for _, _, n in shard)
+        self.pending = [(f, name, nbytes) for f, shard in enumerate(shards) for name, _, nbytes in shard]
+        self.position = 0
+        self.stream = None
+        self.current = -1
+
+    def _open(self, index: int) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, nbytes in self.shards[index]:
+            header[name] = {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+        self.stream = open(os.path.join(self.out_dir, self.files[index]), "wb")
+        self.stream.write(len(encoded).to_bytes(8, "little") + encoded)
+        self.current = index
+
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        """Append the next tensor of the layout (cast to the export dtype); returns its bytes."""
+        shard, expected, nbytes = self.pending[self.position]
+        if name != expected:
+            raise ConversionError(f"internal error: export tensor {name} written where {expected} belongs")
+        if shard != self.current:
+            self._open(shard)
+        data = tensor.detach().to(self.dtype).contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() != nbytes:
+            raise ConversionError(f"{name} has {data.numel()} bytes, its header says {nbytes}")
+        self.stream.write(memoryview(data.numpy()))
+        self.position += 1
+        return nbytes
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+        if self.position != len(self.pending):
+            raise ConversionError(f"internal error: {len(self.pending) - self.position} export tensors not written")
+        if len(self.files) > 1:
+            weight_map = {name: self.files[f] for f, name, _ in self.pending}
+            with open(os.path.join(self.out_dir, SAFETENSORS_INDEX), "w") as out:
+                json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, out, indent=2)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count
+
+
+def parse_size(size: str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"60KB"`` or a number of bytes, as Hugging Face's ``max_shard_size``."""
+    try:
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        return parse_size_to_int(size)
+    except (ValueError, TypeError):
+        raise ConversionError(f"--max-shard-size {size!r} is not a size: pass e.g. 5GB, 500MB or a number of "
+                              "bytes") from None
+
+
+def hf_config(config_fields: Mapping[str, Any], dtype: str, tokenizer_file: Optional[str]):
+    """The transformers config of an export: ``ColaConfig`` or, for a dense model, ``LlamaConfig``."""
     _require_transformers()
-    from huggingface_hub import save_torch_state_dict
-    from transformers import GenerationConfig
-
-    from cola_megatron.hf.configuration_cola import ColaConfig
-    from cola_megatron.hf.modeling_cola import expected_parameter_shapes
-
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     fields = dict(config_fields)
     if tokenizer_file:
         # pipeline() and AutoTokenizer find the tokenizer of a model type they do not know through this.
         fields["tokenizer_class"] = TOKENIZER_CLASS
-    config = ColaConfig(**fields, dtype=dtype)
-    check_shapes({k: tuple(v.shape) for k, v in state.items()}, expected_parameter_shapes(config), "export")
+    if fields.get("architectures") == ["LlamaForCausalLM"]:
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**fields, torch_dtype=dtype)
+    from cola_megatron.hf.configuration_cola import ColaConfig
+
+    return ColaConfig(**fields, dtype=dtype)
+
+
+def expected_shapes(config) -> Dict[str, Tuple[int, ...]]:
+    if config.model_type == "llama":
+        from cola_megatron.convert.names import llama_shapes
+
+        return llama_shapes(config.to_dict())
+    from cola_megatron.hf.modeling_cola import expected_parameter_shapes
+
+    return expected_parameter_shapes(config)
+
+
+def write_export(out_dir: str, state: Mapping[str, torch.Tensor], config_fields: Mapping[str, Any],
+                 tokenizer_file: Optional[str] = None, max_shard_size: str = "5GB",
+                 dtype: str = "float32", ship_code: bool = True) -> None:
+    """A loadable Hugging Face directory from reference-named tensors in memory and the config's fields."""
+    layout = [(k, tuple(v.shape)) for k, v in state.items()]
+    stream_export(out_dir, layout, iter(state.items()), config_fields, tokenizer_file, max_shard_size, dtype,
+                  ship_code=ship_code)
+
+
+def stream_export(out_dir: str, layout: Sequence[Tuple[str, Tuple[int, ...]]], tensors, config_fields,
+                  tokenizer_file: Optional[str] = None, max_shard_size: str = "5GB", dtype: str = "float32",
+                  progress=None, ship_code: bool = True) -> None:
+    """A loadable Hugging Face directory whose tensors come from the iterator ``tensors`` of ``(name, tensor)``
+    in ``layout``'s order; each is written as it comes (``progress(nbytes)`` after each). Without ``ship_code`` a
+    CoLA export is for the reference implementation's own code (no auto_map, no shipped modeling files)."""
+    from transformers import GenerationConfig
+
+    config = hf_config(config_fields, dtype, tokenizer_file)
+    check_shapes(dict(layout), expected_shapes(config), "export")
     os.makedirs(out_dir, exist_ok=True)
-    cast = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in state.items()}
-    save_torch_state_dict(cast, out_dir, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    shards = SafetensorsShards(out_dir, layout, DTYPES[dtype], parse_size(max_shard_size))
+    for name, tensor in tensors:
+        nbytes = shards.write(name, tensor)
+        if progress:
+            progress(nbytes)
+    shards.close()
     config.save_pretrained(out_dir)
+    _record_dtype(out_dir, dtype)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
-    if ship_code:
-        for name in SHIPPED_MODULES:
-            shutil.copyfile(os.path.join(_shipped_dir(), name), os.path.join(out_dir, name))
-    else:
-        _drop_auto_map(out_dir)
+    if config.model_type == "cola":
+        if ship_code:
+            for name in SHIPPED_MODULES:
+                shutil.copyfile(os.path.join(_shipped_dir(), name), os.path.join(out_dir, name))
+        else:
+            _drop_auto_map(out_dir)
     if tokenizer_file:
         save_tokenizer(tokenizer_file, out_dir, config.max_position_embeddings)
 
@@ -140,6 +265,16 @@ def _drop_auto_map(out_dir: str) -> None:
     for name in SHIPPED_MODULES:  # save_pretrained copies the registered configuration class's file
         if os.path.isfile(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
+
+
+def _record_dtype(out_dir: str, dtype: str) -> None:
+    """config.json names the weights' dtype under both spellings (transformers 5 reads ``dtype``, 4 ``torch_dtype``)."""
+    path = os.path.join(out_dir, "config.json")
+    with open(path) as f:
+        values = json.load(f)
+    values.update(dtype=dtype, torch_dtype=dtype)
+    with open(path, "w") as f:
+        json.dump(values, f, indent=2, sort_keys=True)
 
 
 def check_shapes(got: Mapping[str, Tuple[int, ...]], expected: Mapping[str, Tuple[int, ...]], what: str) -> None:
@@ -160,8 +295,8 @@ def check_shapes(got: Mapping[str, Tuple[int, ...]], expected: Mapping[str, Tupl
 # Reading
 
 
-def read_config_json(model_dir: str, expected_type: str) -> Dict[str, Any]:
-    """``config.json`` of a Hugging Face model directory, checked for its ``model_type``."""
+def read_config_json(model_dir: str, expected_type) -> Dict[str, Any]:
+    """``config.json`` of a Hugging Face model directory, checked for its ``model_type`` (one or a tuple)."""
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise ConversionError(f"{model_dir} is not a Hugging Face model directory (no config.json)")
@@ -171,12 +306,15 @@ def read_config_json(model_dir: str, expected_type: str) -> Dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ConversionError(f"{path} is not valid JSON: {e}") from None
     model_type = raw.get("model_type")
-    if model_type != expected_type:
+    expected = (expected_type,) if isinstance(expected_type, str) else tuple(expected_type)
+    if model_type not in expected:
+        expected_type = expected[0]
         hint = {
             ("cola", "llama"): "for a dense LLaMA checkpoint use `cola-convert from-dense --rank R`",
             ("llama", "cola"): "for a CoLA checkpoint use `cola-convert from-hf`",
         }.get((expected_type, model_type), f"only model_type {expected_type!r} converts here")
-        raise ConversionError(f"{path}: unknown model_type {model_type!r}, expected {expected_type!r}; {hint}")
+        raise ConversionError(f"{path}: unknown model_type {model_type!r}, expected {' or '.join(map(repr, expected))}"
+                              f"; {hint}")
     return raw
 
 
@@ -208,25 +346,36 @@ class WeightReader:
         self._location: Dict[str, str] = {}
         self._bins: Dict[str, Dict[str, torch.Tensor]] = {}
         self.shapes: Dict[str, Tuple[int, ...]] = {}
+        self.dtypes: Dict[str, Optional[torch.dtype]] = {}
         for path in self.files:
             if self.kind == "safetensors":
                 from safetensors import safe_open
 
                 with safe_open(path, framework="pt") as f:
                     for name in f.keys():
-                        self._add(name, path, tuple(f.get_slice(name).get_shape()))
+                        piece = f.get_slice(name)
+                        self._add(name, path, tuple(piece.get_shape()), SAFETENSORS_NAMES.get(piece.get_dtype()))
             else:
                 # mmap: shapes without reading the data.
                 tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 self._bins[path] = tensors
                 for name, tensor in tensors.items():
-                    self._add(name, path, tuple(tensor.shape))
+                    self._add(name, path, tuple(tensor.shape), tensor.dtype)
 
-    def _add(self, name: str, path: str, shape: Tuple[int, ...]) -> None:
+    def _add(self, name: str, path: str, shape: Tuple[int, ...], dtype: Optional[torch.dtype]) -> None:
         if name.endswith(IGNORED_SUFFIXES):
             return
         self._location[name] = path
         self.shapes[name] = shape
+        self.dtypes[name] = dtype
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights (the embedding's; conversion keeps it)."""
+        name = "model.embed_tokens.weight" if "model.embed_tokens.weight" in self.dtypes else next(iter(self.dtypes))
+        dtype = self.dtypes[name]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ConversionError(f"{name} is stored as {dtype}; only float32, bfloat16 and float16 weights convert")
+        return dtype
 
     def get(self, name: str) -> torch.Tensor:
         path = self._location[name]
@@ -241,9 +390,10 @@ class WeightReader:
         return {name: self.get(name) for name in self.shapes}
 
 
-def read_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], str]:
-    """config.json, the plain reference-named tensors of a CoLA Hugging Face directory (the reference's CoLA or
-    CoLA-M layout, or an export) and the layout's name, checked against each other before any tensor is read."""
+def open_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], WeightReader, Dict[str, str], str]:
+    """config.json, a lazy reader of a CoLA Hugging Face directory (the reference's CoLA or CoLA-M layout, or an
+    export), ``{plain reference name: stored name}`` and the layout's name, checked against each other before any
+    tensor is read."""
     _require_transformers()
     from cola_megatron.convert.names import model_section_from_hf, plain_reference_names
     from cola_megatron.hf.configuration_cola import ColaConfig
@@ -259,4 +409,20 @@ def read_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], Dict[str, torc
     reader = WeightReader(model_dir)
     plain, layout = plain_reference_names(reader.shapes, model_dir)
     check_shapes({plain[k]: shape for k, shape in reader.shapes.items()}, expected_parameter_shapes(config), model_dir)
-    return raw, {plain[k]: reader.get(k) for k in reader.shapes}, layout
+    return raw, reader, {p: stored for stored, p in plain.items()}, layout
+
+
+def open_llama_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], WeightReader]:
+    """config.json and a lazy reader of a dense LLaMA directory, shapes checked before any tensor is read."""
+    from cola_megatron.convert.names import llama_shapes
+
+    raw = read_config_json(model_dir, "llama")
+    reader = WeightReader(model_dir)
+    check_shapes(reader.shapes, llama_shapes(raw), model_dir)
+    return raw, reader
+
+
+def read_cola_checkpoint(model_dir: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], str]:
+    """config.json, every plain reference-named tensor in memory (small models) and the layout's name."""
+    raw, reader, stored, layout = open_cola_checkpoint(model_dir)
+    return raw, {p: reader.get(name) for p, name in stored.items()}, layout

@@ -87,15 +87,15 @@ def build_chunks(cfg: Config) -> List[torch.nn.Module]:
     return chunks
 
 
-def check_checkpoint_matches(chunks: Sequence[torch.nn.Module], ckpt_dir: str) -> None:
-    """Every tensor these chunks need is in the checkpoint with the same global shape, else one clear error
-    (before megatron reads any data)."""
+def check_checkpoint_matches(model_state: Dict[str, dict], ckpt_dir: str) -> None:
+    """Every tensor of a model sharded state dict (:func:`model_layout_state`) is in the checkpoint with the same
+    global shape, else one clear error (before any data is read)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     stored = dist_checkpointing.load_tensors_metadata(ckpt_dir)
     problems = set()
-    for entries in ckpt_lib.model_sharded_state_dict(chunks).values():
+    for entries in model_state.values():
         for entry in entries.values():
             if not isinstance(entry, ShardedTensor):
                 continue
@@ -121,9 +121,10 @@ def is_weights_only(ckpt_dir: str) -> bool:
     return common.get("contents") == WEIGHTS_ONLY or "optimizer" not in common
 
 
-def save_weights(chunks: Sequence[torch.nn.Module], cfg: Config, save_dir: str,
+def save_weights(model_state: Dict[str, dict], cfg: Config, save_dir: str,
                  train_state: Optional[dict] = None, special_tokens: Optional[dict] = None) -> str:
-    """Write this rank's chunks as a weights-only checkpoint ``save_dir/iter_NNNNNNN`` (every rank calls it).
+    """Write this rank's model sharded state dict (:func:`filled_model_state`) as a weights-only checkpoint
+    ``save_dir/iter_NNNNNNN`` (every rank calls it).
 
     The common entries are those ``CheckpointManager.load`` reads, for a run that starts from these weights: the
     train state (iteration 0 unless given), the schedule at its start, and no layout, so that no RNG state is
@@ -138,7 +139,7 @@ def save_weights(chunks: Sequence[torch.nn.Module], cfg: Config, save_dir: str,
     if dist.get_rank() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
     dist.barrier()
-    sharded = ckpt_lib.model_sharded_state_dict(chunks)
+    sharded = dict(model_state)
     sharded.update(
         contents=WEIGHTS_ONLY,
         train_state=train_state,
@@ -159,17 +160,196 @@ def save_weights(chunks: Sequence[torch.nn.Module], cfg: Config, save_dir: str,
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The unsplit model in this process
+# Streaming: sharded state dicts without a model in memory
 
 
-def read_full_state(ckpt_dir: str, cfg: Config) -> Dict[str, torch.Tensor]:
-    """Every model tensor of a checkpoint of any layout, unsplit, by its TP=1 state-dict name."""
-    cfg = unsplit(cfg)
+def model_layout_state(cfg: Config) -> Dict[str, dict]:
+    """This rank's model sharded state dict for ``cfg``'s layout, built on the meta device: every entry's key,
+    shape, offsets and TP split, and no data. Conversion attaches data one group of tensors at a time."""
+    with torch.device("meta"):
+        chunks = build_chunks(cfg)
+    state = ckpt_lib.model_sharded_state_dict(chunks)
+    return {chunk: {k: v for k, v in entries.items() if _is_tensor_entry(v)} for chunk, entries in state.items()}
+
+
+def _is_tensor_entry(entry) -> bool:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    return isinstance(entry, (ShardedTensor, ShardedTensorFactory))
+
+
+def with_data(entry, data: torch.Tensor):
+    """``entry`` (a ShardedTensor or ShardedTensorFactory) holding ``data`` instead of its placeholder."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(entry, ShardedTensor):
+        return dataclasses.replace(entry, data=data, dtype=data.dtype)
+    return dataclasses.replace(entry, data=data)
+
+
+def stored_dtype(ckpt_dir: str) -> torch.dtype:
+    """The dtype a checkpoint stores its weights in (a run's parameter dtype; converted weights' source dtype)."""
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    entry = metadata.get("embedding.word_embeddings.weight") or next(
+        v for k, v in metadata.items() if k.startswith("decoder.layers."))
+    return entry.dtype
+
+
+class CheckpointReader:
+    """Unsplit tensors of a ``torch_dist`` checkpoint of any layout, by TP=1 state-dict name, read a few at a time
+    in this one process (no collectives).
+
+    The model's sharded state dict (built on the meta device) says which region of which stored tensor each name
+    is; torch's distributed-checkpoint reader reads just the stored chunks overlapping it. (megatron's own
+    ``dist_checkpointing.load`` of a part of the model cannot run in a one-process group: it describes the parts
+    it does not read as another rank's.)
+    """
+
+    def __init__(self, ckpt_dir: str, cfg: Config):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.ckpt_dir = ckpt_dir
+        self.cfg = unsplit(cfg)
+        initialize(self.cfg)
+        state = model_layout_state(self.cfg)
+        check_checkpoint_matches(state, ckpt_dir)
+        (self.entries,) = state.values()
+        self.dtype = stored_dtype(ckpt_dir)
+        self.storage = FileSystemReader(ckpt_dir)
+        self.metadata = self.storage.read_metadata()
+        self.storage.set_up_storage_reader(self.metadata, is_coordinator=True)
+
+    def read(self, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+        request = {n: with_data(self.entries[n], torch.empty(self.entries[n].data.shape, dtype=self.dtype))
+                   for n in names}
+        read_sharded_tensors(self.storage, self.metadata, request)
+        return {n: entry.data for n, entry in request.items()}
+
+
+def read_sharded_tensors(storage, metadata, request: Dict[str, object]) -> None:
+    """Fill the data of ``request``'s ShardedTensors (and factories) from a checkpoint, reading only the stored
+    chunks that overlap them."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory, apply_factories
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    import copy as copy_lib
+
+    built = copy_lib.copy(request)
+    apply_factories(built)
+    targets, items = {}, []
+    for entry in nested_values(built):
+        stored = metadata.state_dict_metadata.get(entry.key)
+        if stored is None or tuple(stored.size) != tuple(entry.global_shape):
+            raise ConversionError(f"the checkpoint does not hold {entry.key} of shape {tuple(entry.global_shape)} "
+                                  f"(it holds {tuple(stored.size) if stored else 'nothing'} there): it is not a "
+                                  "checkpoint of the model its config describes")
+        offsets = tuple(entry.global_offset)
+        shape = (1,) * entry.prepend_axis_num + tuple(entry.local_shape)
+        targets[(entry.key, offsets)] = entry.data.view(shape)
+        items += create_read_items_for_chunk_list(entry.key, stored, [ChunkStorageMetadata(offsets, shape)])
+    storage.read_data(LoadPlan(items), _IntoTensors(targets)).wait()
+    for name, entry in request.items():
+        if isinstance(entry, ShardedTensorFactory):  # e.g. [gate; up] stored as two tensors
+            parts = dict_list_map_inplace(lambda e: e.data, built[name])
+            entry.data.copy_(entry.merge_fn(parts))
+
+
+class _IntoTensors:
+    """The part of torch's LoadPlanner the storage reader calls: where each read chunk goes."""
+
+    def __init__(self, targets):
+        self.targets = targets
+
+    def resolve_tensor(self, item):
+        tensor = self.targets[(item.dest_index.fqn, tuple(item.dest_index.offset))]
+        for dim, (start, length) in enumerate(zip(item.dest_offsets, item.lengths)):
+            tensor = tensor.narrow(dim, start, length)
+        return tensor
+
+    def commit_tensor(self, item, tensor) -> None:
+        pass
+
+    def load_bytes(self, item, value) -> None:
+        raise ConversionError(f"unexpected non-tensor entry {item.dest_index.fqn} among the weights")
+
+
+class ScratchTensors:
+    """Tensors in file-backed shared mappings of unlinked files under ``directory``.
+
+    megatron's writer resolves every tensor of a rank before it writes the first; holding them in file pages
+    instead of anonymous memory lets the kernel write them back and reclaim them under memory pressure, so the
+    resident memory a conversion needs does not grow with the model. The files are unlinked at once: nothing is
+    left behind, even by a killed process.
+    """
+
+    def __init__(self, directory: str):
+        import tempfile
+
+        os.makedirs(directory, exist_ok=True)
+        self.directory = tempfile.mkdtemp(prefix=".scratch-", dir=directory)
+        self.count = 0
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel == 0:
+            return torch.empty(tuple(shape), dtype=dtype)
+        path = os.path.join(self.directory, str(self.count))
+        self.count += 1
+        tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(tuple(shape))
+        os.unlink(path)
+        return tensor
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def filled_model_state(cfg: Config, scratch: ScratchTensors, dtype: torch.dtype, fill) -> Dict[str, dict]:
+    """This rank's model sharded state dict with scratch tensors of ``dtype`` that ``fill(entries_by_chunk)``
+    fills, megatron's factories applied (each tensor a storage of its own, so the writer copies nothing)."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    state = model_layout_state(cfg)
+    for entries in state.values():
+        for name, entry in entries.items():
+            entries[name] = with_data(entry, scratch.empty(entry.data.shape, dtype))
+    fill(state)
+    apply_factories(state)
+
+    def own_storage(entry):
+        data = getattr(entry, "data", None)
+        if not isinstance(data, torch.Tensor) or data.untyped_storage().nbytes() == data.numel() * data.element_size():
+            return entry
+        own = scratch.empty(data.shape, data.dtype)  # a view (a factory's part): its own file
+        own.copy_(data)
+        return with_data(entry, own)
+
+    dict_list_map_inplace(own_storage, state)
+    return state
+
+
+def write_weights(cfg: Config, save_dir: str, dtype: torch.dtype, fill, train_state: Optional[dict] = None,
+                  special_tokens: Optional[dict] = None) -> str:
+    """A weights-only checkpoint of ``cfg``'s layout written by this rank (every rank of the layout calls it);
+    ``fill(state)`` puts the tensors into this rank's sharded state dict ``{chunk: {name: entry}}``."""
     initialize(cfg)
-    (model,) = build_chunks(cfg)
-    check_checkpoint_matches([model], ckpt_dir)
-    ckpt_lib.load_model_weights(ckpt_dir, [model])
-    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    scratch = ScratchTensors(save_dir)
+    try:
+        state = filled_model_state(cfg, scratch, dtype, fill)
+        return save_weights(state, cfg, save_dir, train_state, special_tokens)
+    finally:
+        scratch.close()
 
 
 def read_special_tokens(ckpt_dir: str) -> Optional[dict]:
@@ -181,19 +361,19 @@ def read_special_tokens(ckpt_dir: str) -> Optional[dict]:
 
 def write_full_state(state: Dict[str, torch.Tensor], cfg: Config, save_dir: str,
                      special_tokens: Optional[dict] = None) -> str:
-    """Write unsplit tensors as a weights-only checkpoint from this one process (loadable at any layout)."""
+    """Write unsplit tensors held in memory as a weights-only checkpoint from this one process (small models)."""
     cfg = unsplit(cfg)
-    initialize(cfg)
-    (model,) = build_chunks(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    wrong = [f"{k}: got {tuple(state[k].shape)}, expected {shape}" for k, shape in expected.items()
-             if k in state and tuple(state[k].shape) != shape]
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if wrong or missing or extra:
-        raise ConversionError(f"weights do not fit the model of the config (wrong shape: {wrong[:4]}, missing: "
-                              f"{missing[:4]}, unexpected: {extra[:4]})")
-    with torch.no_grad():
-        for name, param in model.state_dict().items():
-            if name in state:
-                param.copy_(state[name])
-    return save_weights([model], cfg, save_dir, special_tokens=special_tokens)
+    dtype = next(iter(state.values())).dtype
+
+    def fill(sharded):
+        (entries,) = sharded.values()
+        missing, extra = sorted(set(entries) - set(state)), sorted(set(state) - set(entries))
+        wrong = [f"{k}: got {tuple(state[k].shape)}, expected {tuple(e.data.shape)}" for k, e in entries.items()
+                 if k in state and tuple(state[k].shape) != tuple(e.data.shape)]
+        if wrong or missing or extra:
+            raise ConversionError(f"weights do not fit the model of the config (wrong shape: {wrong[:4]}, missing: "
+                                  f"{missing[:4]}, unexpected: {extra[:4]})")
+        for name, entry in entries.items():
+            entry.data.copy_(state[name])
+
+    return write_weights(cfg, save_dir, dtype, fill, special_tokens=special_tokens)

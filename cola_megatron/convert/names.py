@@ -22,7 +22,8 @@ Face code here train it like any other row, because the tokenizers this project 
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -47,6 +48,93 @@ MODEL_TENSORS = {
 }
 
 
+# A dense (LLaMA) layer: megatron slot → the Hugging Face LLaMA projections it fuses. linear_qkv holds, for each
+# query group, that group's query heads then its key head then its value head; linear_fc1 is [gate; up].
+DENSE_SLOTS = {
+    "self_attention.linear_qkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                         "self_attn.v_proj.weight"),
+    "self_attention.linear_proj.weight": ("self_attn.o_proj.weight",),
+    "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.linear_fc2.weight": ("mlp.down_proj.weight",),
+}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One megatron tensor (by its TP=1 state-dict name) and the reference tensors it holds.
+
+    ``kind`` says how they relate: ``same`` (one tensor, unchanged), ``cola`` (CoLA factors: branch i of the fused
+    megatron tensor is reference tensor i transposed), ``cat`` (reference tensors stacked along rows, e.g. [gate; up])
+    or ``qkv`` (rows grouped per query group: ``groups`` blocks of ``split`` rows, one part per reference tensor).
+    """
+
+    megatron: str
+    reference: Tuple[str, ...]
+    kind: str = "same"
+    split: Tuple[int, ...] = ()
+    groups: int = 1
+
+
+def layer_units(m: ModelConfig, i: int) -> List[Unit]:
+    """The units of layer ``i`` in writing order."""
+    prefix, ref = f"decoder.layers.{i}.", f"model.layers.{i}."
+    units = [Unit(prefix + meg, (ref + name,)) for meg, name in LAYER_TENSORS.items()]
+    if m.arch == "cola":
+        for slot, projections in SLOTS.items():
+            a, b = (tuple(f"{ref}{p}.{suffix}" for p in projections) for suffix in ("cola_a", "cola_b"))
+            units.append(Unit(f"{prefix}{slot}.a_weight", a, "cola"))
+            if slot == "self_attention.linear_qkv" and is_grouped(m):  # k and v B's, narrower, stacked apart
+                units += [Unit(f"{prefix}{slot}.b_weight", b[:1], "cola"), Unit(f"{prefix}{slot}.b_kv_weight", b[1:], "cola")]
+            else:
+                units.append(Unit(f"{prefix}{slot}.b_weight", b, "cola"))
+        return units
+    head_dim = m.hidden_size // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    per_group_q = m.num_attention_heads // groups * head_dim
+    for slot, projections in DENSE_SLOTS.items():
+        names = tuple(ref + p for p in projections)
+        if slot.endswith("linear_qkv.weight"):
+            units.append(Unit(prefix + slot, names, "qkv", (per_group_q, head_dim, head_dim), groups))
+        else:
+            units.append(Unit(prefix + slot, names, "cat" if len(names) > 1 else "same"))
+    return units
+
+
+def unit_groups(m: ModelConfig) -> List[List[Unit]]:
+    """Every unit of a model, in the groups conversion streams: each whole-model tensor alone, then one group per
+    layer (reading and writing hold one group at a time)."""
+    whole = [Unit(meg, (ref,)) for meg, ref in MODEL_TENSORS.items()]
+    return [[whole[0]]] + [layer_units(m, i) for i in range(m.num_layers)] + [[u] for u in whole[1:]]
+
+
+def to_reference(unit: Unit, tensor: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The reference tensors of one megatron tensor (contiguous; transposes are fresh copies)."""
+    if unit.kind == "same":
+        return {unit.reference[0]: tensor}
+    if unit.kind == "cola":
+        if tensor.shape[0] != len(unit.reference):
+            raise ConversionError(f"{unit.megatron} holds {tensor.shape[0]} fused projections, expected "
+                                  f"{len(unit.reference)}: not a CoLA checkpoint of this code's layout")
+        return {name: tensor[branch].t().contiguous() for branch, name in enumerate(unit.reference)}
+    if unit.kind == "cat":
+        return {name: part.contiguous() for name, part in zip(unit.reference, tensor.chunk(len(unit.reference)))}
+    per_group = tensor.reshape(unit.groups, sum(unit.split), -1)
+    parts = per_group.split(list(unit.split), dim=1)
+    return {name: part.reshape(-1, tensor.shape[-1]).contiguous() for name, part in zip(unit.reference, parts)}
+
+
+def to_megatron(unit: Unit, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The inverse of :func:`to_reference`: ``tensors`` in the order of ``unit.reference``."""
+    if unit.kind == "same":
+        return tensors[0]
+    if unit.kind == "cola":
+        return torch.stack([t.t() for t in tensors])
+    if unit.kind == "cat":
+        return torch.cat(list(tensors))
+    d = tensors[0].shape[-1]
+    return torch.cat([t.reshape(unit.groups, -1, d) for t in tensors], dim=1).reshape(-1, d)
+
+
 def _take(state: Mapping[str, torch.Tensor], name: str, side: str) -> torch.Tensor:
     if name not in state:
         raise ConversionError(f"{side} weights have no tensor {name!r}: the checkpoint and its config disagree on "
@@ -57,60 +145,30 @@ def _take(state: Mapping[str, torch.Tensor], name: str, side: str) -> torch.Tens
 def _check_no_extra(state: Mapping[str, Any], used: set, side: str) -> None:
     extra = sorted(k for k in state if k not in used)
     if extra:
-        raise ConversionError(f"{side} weights hold tensors a CoLA model does not have: {extra[:8]}"
-                              f"{' …' if len(extra) > 8 else ''}; is this a CoLA checkpoint of the configured shape?")
+        raise ConversionError(f"{side} weights hold tensors the model does not have: {extra[:8]}"
+                              f"{' …' if len(extra) > 8 else ''}; is this a checkpoint of the configured shape?")
 
 
-def megatron_to_reference(state: Mapping[str, torch.Tensor], num_layers: int) -> Dict[str, torch.Tensor]:
-    """Unsplit megatron state dict → reference-named tensors (fresh contiguous copies for the transposes)."""
+def _all_units(m: ModelConfig) -> List[Unit]:
+    return [u for group in unit_groups(m) for u in group]
+
+
+def megatron_to_reference(state: Mapping[str, torch.Tensor], m: ModelConfig) -> Dict[str, torch.Tensor]:
+    """Unsplit megatron state dict → reference-named tensors (whole models in memory: for small models and tests;
+    conversion streams :func:`unit_groups`)."""
     state = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    out, used = {}, set()
-    for meg, ref in MODEL_TENSORS.items():
-        out[ref] = _take(state, meg, "megatron")
-        used.add(meg)
-    for i in range(num_layers):
-        prefix = f"decoder.layers.{i}."
-        for meg, ref in LAYER_TENSORS.items():
-            out[f"model.layers.{i}.{ref}"] = _take(state, prefix + meg, "megatron")
-            used.add(prefix + meg)
-        for slot, projections in SLOTS.items():
-            a = _take(state, f"{prefix}{slot}.a_weight", "megatron")
-            b = list(_take(state, f"{prefix}{slot}.b_weight", "megatron"))
-            used.update((f"{prefix}{slot}.a_weight", f"{prefix}{slot}.b_weight"))
-            if f"{prefix}{slot}.b_kv_weight" in state:  # grouped-query attention: k and v B's, narrower than q's
-                b += list(state[f"{prefix}{slot}.b_kv_weight"])
-                used.add(f"{prefix}{slot}.b_kv_weight")
-            if a.shape[0] != len(projections) or len(b) != len(projections):
-                raise ConversionError(f"{prefix}{slot} holds {a.shape[0]} fused projections, expected "
-                                      f"{len(projections)}: not a CoLA checkpoint of this code's layout")
-            for branch, proj in enumerate(projections):
-                out[f"model.layers.{i}.{proj}.cola_a"] = a[branch].t().contiguous()
-                out[f"model.layers.{i}.{proj}.cola_b"] = b[branch].t().contiguous()
-    _check_no_extra(state, used, "megatron")
+    out = {}
+    for unit in _all_units(m):
+        out.update(to_reference(unit, _take(state, unit.megatron, "megatron")))
+    _check_no_extra(state, {u.megatron for u in _all_units(m)}, "megatron")
     return out
 
 
-def reference_to_megatron(state: Mapping[str, torch.Tensor], num_layers: int) -> Dict[str, torch.Tensor]:
+def reference_to_megatron(state: Mapping[str, torch.Tensor], m: ModelConfig) -> Dict[str, torch.Tensor]:
     """Reference-named tensors → the unsplit megatron state dict (the inverse of :func:`megatron_to_reference`)."""
-    out, used = {}, set()
-    for meg, ref in MODEL_TENSORS.items():
-        out[meg] = _take(state, ref, "Hugging Face")
-        used.add(ref)
-    for i in range(num_layers):
-        prefix = f"decoder.layers.{i}."
-        for meg, ref in LAYER_TENSORS.items():
-            out[prefix + meg] = _take(state, f"model.layers.{i}.{ref}", "Hugging Face")
-            used.add(f"model.layers.{i}.{ref}")
-        for slot, projections in SLOTS.items():
-            names = [f"model.layers.{i}.{proj}" for proj in projections]
-            used.update(n + suffix for n in names for suffix in (".cola_a", ".cola_b"))
-            out[f"{prefix}{slot}.a_weight"] = torch.stack([_take(state, n + ".cola_a", "Hugging Face").t() for n in names])
-            b = [_take(state, n + ".cola_b", "Hugging Face").t() for n in names]
-            if any(t.shape != b[0].shape for t in b):  # grouped-query attention: k and v stacked apart from q
-                out[f"{prefix}{slot}.b_weight"], out[f"{prefix}{slot}.b_kv_weight"] = b[0][None], torch.stack(b[1:])
-            else:
-                out[f"{prefix}{slot}.b_weight"] = torch.stack(b)
-    _check_no_extra(state, used, "Hugging Face")
+    units = _all_units(m)
+    out = {u.megatron: to_megatron(u, [_take(state, n, "Hugging Face") for n in u.reference]) for u in units}
+    _check_no_extra(state, {n for u in units for n in u.reference}, "Hugging Face")
     return out
 
 
@@ -170,6 +228,25 @@ def plain_reference_names(stored: Iterable[str], source: str = "the checkpoint")
     return mapping, "CoLA-M" if cola_m else "CoLA"
 
 
+def llama_shapes(raw: Mapping[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    """The tensor shapes of a Hugging Face LLaMA of config ``raw`` (tied embeddings: no lm_head)."""
+    d, ffn, vocab = raw["hidden_size"], raw["intermediate_size"], raw["vocab_size"]
+    heads = raw["num_attention_heads"]
+    kv = (raw.get("num_key_value_heads") or heads) * (d // heads)
+    io = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+          "self_attn.o_proj": (d, d), "mlp.gate_proj": (ffn, d), "mlp.up_proj": (ffn, d), "mlp.down_proj": (d, ffn)}
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
+    if not raw.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (vocab, d)
+    for i in range(raw["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (d,)
+        shapes[p + "post_attention_layernorm.weight"] = (d,)
+        for name, shape in io.items():
+            shapes[f"{p}{name}.weight"] = shape
+    return shapes
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Configs
 
@@ -184,15 +261,35 @@ def is_grouped(m: ModelConfig) -> bool:
 
 def hf_config_fields(m: ModelConfig, special_ids: Optional[Mapping[str, Optional[int]]] = None,
                      reference_layout: bool = False) -> Dict[str, Any]:
-    """``ColaConfig`` keyword arguments for a run's model section; ``reference_layout``: for the reference
-    implementation's own code, which has no grouped-query attention."""
-    if m.arch != "cola":
-        raise ConversionError(f"model.arch is {m.arch!r}: only CoLA models export to the 'cola' Hugging Face format")
+    """``ColaConfig`` keyword arguments for a run's model section (``LlamaConfig`` ones for a dense model);
+    ``reference_layout``: for the reference implementation's own code, which has no grouped-query attention."""
+    ids = dict(special_ids or {})
+    if m.arch == "dense":
+        return dict(
+            vocab_size=m.vocab_size,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.padded_ffn_hidden_size,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_query_groups or m.num_attention_heads,
+            head_dim=m.hidden_size // m.num_attention_heads,
+            hidden_act="silu",
+            max_position_embeddings=m.max_position_embeddings or m.seq_length,
+            rms_norm_eps=m.norm_eps,
+            rope_theta=m.rope_theta,
+            initializer_range=m.init_std,
+            attention_bias=False,
+            mlp_bias=False,
+            tie_word_embeddings=False,
+            bos_token_id=ids.get("bos_token_id"),
+            eos_token_id=ids.get("eos_token_id"),
+            pad_token_id=ids.get("pad_token_id"),
+            architectures=["LlamaForCausalLM"],
+        )
     if reference_layout and is_grouped(m):
         raise ConversionError(f"model.num_query_groups={m.num_query_groups} (of {m.num_attention_heads} heads): "
                               f"{REFERENCE_CANNOT_REPRESENT_GQA}. Fix: export without --reference-layout; the "
                               "shipped modeling code loads it")
-    ids = dict(special_ids or {})
     return dict(
         vocab_size=m.vocab_size,
         hidden_size=m.hidden_size,
@@ -260,16 +357,18 @@ def special_token_ids(raw: Mapping[str, Any]) -> Dict[str, Optional[int]]:
 
 
 def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, only_lr_act: Optional[bool] = None,
-                          dense: bool = False, source: str = "config.json") -> Dict[str, Any]:
+                          dense: bool = False, source: str = "config.json", keep_dense: bool = False
+                          ) -> Dict[str, Any]:
     """The ``model`` section of a run config for a Hugging Face config: a CoLA one, or (``dense=True``, ``rank``
-    given) a dense LLaMA one, whose grouped k/v heads and tied embeddings the SVD initialisation expands.
+    given) a dense LLaMA one, whose grouped k/v heads and tied embeddings the SVD initialisation expands, or
+    (``keep_dense=True``) a dense run of the LLaMA's own shape.
 
     Accepts the reference implementation's spellings: ``max_sequence_length`` for the context length, and fills
     omitted fields with the reference's defaults (:data:`REFERENCE_DEFAULTS`, e.g. ``only_lr_act`` true).
     """
     missing = [k for k in REQUIRED_HF_FIELDS if raw.get(k) is None]
     rank = rank if rank is not None else raw.get("rank")
-    if rank is None:
+    if rank is None and not keep_dense:
         missing.append("rank")
     if missing:
         raise ConversionError(f"{source} lacks {missing}: it does not describe a complete model")
@@ -280,7 +379,11 @@ def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, on
     if raw.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported; the LLaMA MLP uses silu")
     kv_heads = raw.get("num_key_value_heads") or heads
-    if not dense and kv_heads != heads:
+    if keep_dense and raw.get("tie_word_embeddings"):
+        raise ConversionError(f"{source} ties the output layer to the embeddings, and dense runs here have an "
+                              "untied one. Fix: save lm_head.weight as a tensor of its own (tie_word_embeddings "
+                              "false), or use from-dense for a CoLA warm start, which unties it")
+    if not dense and not keep_dense and kv_heads != heads:
         if heads % kv_heads:
             raise ConversionError(f"{source}: num_key_value_heads {kv_heads} does not divide num_attention_heads "
                                   f"{heads}; each k/v head must serve a whole group of query heads")
@@ -305,6 +408,21 @@ def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, on
     theta = raw.get("rope_theta") or rope.get("rope_theta") or defaults["rope_theta"]
     context = raw.get("max_position_embeddings") or raw.get("max_sequence_length") or defaults["max_position_embeddings"]
     only = raw.get("only_lr_act", defaults["only_lr_act"]) if only_lr_act is None else only_lr_act
+    if keep_dense:
+        return dict(
+            arch="dense",
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            ffn_hidden_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_query_groups=kv_heads if kv_heads != heads else None,
+            max_position_embeddings=int(context),
+            seq_length=min(int(context), ModelConfig().seq_length),
+            norm_eps=float(raw.get("rms_norm_eps") or defaults["rms_norm_eps"]),
+            rope_theta=float(theta),
+            init_std=float(raw.get("initializer_range") or defaults["initializer_range"]),
+        )
     return dict(
         arch="cola",
         vocab_size=raw["vocab_size"],

@@ -9,14 +9,18 @@ processes of a ``torchrun --nproc-per-node TP*PP`` launch).
 
 A run's checkpoint keeps its whole training state: each rank builds the trainer of the target layout (model,
 optimizer, scheduler), resumes it from the source with :class:`cola_megatron.training.checkpoint.CheckpointManager` and saves it
-again, so the run continues at the new layout where it stopped. A weights-only checkpoint (written by conversion)
-stays weights-only.
+again, so the run continues at the new layout where it stopped (and so needs the memory of that trainer). A
+weights-only checkpoint (written by conversion) stays weights-only and streams: each rank builds its model on the
+meta device, reads only its slices into file-backed scratch and writes them, so the ranks together need a few
+hundred MB each whatever the model size. A rank that dies (the kernel's OOM killer, a signal) ends the command in
+one line naming it, and the output is removed: no ``latest`` is left to pass for a complete checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import traceback
 from typing import Optional
 
@@ -49,13 +53,23 @@ def _reshard_training_state(cfg: Config, source: str, save_dir: str) -> None:
 
 
 def _reshard_weights(cfg: Config, source: str, save_dir: str) -> None:
+    """This rank's slices read straight from the source into file-backed scratch tensors and written again: no
+    model in memory, so the ranks together need little more than their interpreters."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint import FileSystemReader
 
-    chunks = megatron_io.build_chunks(cfg)
-    megatron_io.check_checkpoint_matches(chunks, source)
-    ckpt_lib.load_model_weights(source, chunks)
+    storage = FileSystemReader(source)
+    metadata = storage.read_metadata()
+    storage.set_up_storage_reader(metadata, is_coordinator=True)
+
+    def fill(state):
+        megatron_io.check_checkpoint_matches(state, source)
+        for entries in state.values():
+            megatron_io.read_sharded_tensors(storage, metadata, entries)
+
     common = dist_checkpointing.load_common_state_dict(source)
-    megatron_io.save_weights(chunks, cfg, save_dir, common.get("train_state"), common.get(megatron_io.SPECIAL_TOKENS))
+    megatron_io.write_weights(cfg, save_dir, megatron_io.stored_dtype(source), fill, common.get("train_state"),
+                              common.get(megatron_io.SPECIAL_TOKENS))
 
 
 def write_rank(cfg: Config, source: str, save_dir: str) -> None:
@@ -72,6 +86,9 @@ def _spawned_rank(rank: int, world_size: int, port: int, errors, args) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
 
+    from cola_megatron.convert.memory import return_freed_buffers
+
+    return_freed_buffers()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # the ranks share this machine's cores
     try:
         write_rank(*args)
@@ -104,6 +121,13 @@ def run_ranks(world_size: int, *args) -> None:
     except mp.ProcessRaisedException:
         message = errors.get() if not errors.empty() else "a rank failed"
         raise ConversionError(message) from None
+    except mp.ProcessExitedException as e:
+        how = f"was killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
+        raise ConversionError(
+            f"rank {e.error_index} of {world_size} {how} while writing the checkpoint; nothing was kept. Fix: if the "
+            "kernel's out-of-memory killer stopped it, free memory or run on a host with more (the ranks together "
+            "need a few GB whatever the model size; a run's checkpoint with its optimizer state needs its size "
+            "again), then run the same command") from None
 
 
 def reshard(source: str, save_dir: str, tensor_parallel: int, pipeline_parallel: int,
@@ -113,5 +137,14 @@ def reshard(source: str, save_dir: str, tensor_parallel: int, pipeline_parallel:
     cfg = ckpt_lib.read_checkpoint_config(ckpt)
     target = megatron_io.with_layout(cfg, tensor_parallel, pipeline_parallel, virtual_pipeline, cola_tp_scheme)
     megatron_io.require_new_output(save_dir)
-    run_ranks(tensor_parallel * pipeline_parallel, target, os.path.abspath(ckpt), os.path.abspath(save_dir))
+    existed = os.path.isdir(save_dir)
+    try:
+        run_ranks(tensor_parallel * pipeline_parallel, target, os.path.abspath(ckpt), os.path.abspath(save_dir))
+    except BaseException:  # no half-written checkpoint is left to pass for a complete one
+        if existed:
+            for entry in os.listdir(save_dir):
+                shutil.rmtree(os.path.join(save_dir, entry), ignore_errors=True)
+        else:
+            shutil.rmtree(save_dir, ignore_errors=True)
+        raise
     return ckpt_lib.resolve_checkpoint(save_dir)

@@ -161,7 +161,9 @@ class _CoLASlot(MegatronModule):
         return [b for name in self._b_names for b in getattr(self, name).unbind(0)]
 
     def _make_weight(self, shape, tp_axis, std) -> torch.nn.Parameter:
-        device = torch.device("cpu") if self.config.use_cpu_initialization else torch.cuda.current_device()
+        # CPU initialisation allocates on the default device: the CPU, or the meta device when conversion builds a
+        # model only for its sharded state dict's layout.
+        device = torch.get_default_device() if self.config.use_cpu_initialization else torch.cuda.current_device()
         weight = torch.nn.Parameter(torch.empty(shape, dtype=self.config.params_dtype, device=device))
         if self.config.perform_initialization:
             for part, part_std in zip(weight if isinstance(std, tuple) else [weight],

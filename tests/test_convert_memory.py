@@ -1,0 +1,146 @@
+"""cola-convert at scale: memory bounded by layers, not model size; dtype kept; a killed reshard rank.
+
+The same conversions of an N-layer and a 2N-layer CoLA model (hundreds of MB each, bf16) in the reference
+implementation's layout: from-hf, reshard to TP2 and to-hf back, each a real command whose processes are sampled
+for what the kernel cannot reclaim (Pss_Anon + Pss_Shmem, :mod:`cola_megatron.convert.measure`). A tool that held
+the model would differ by the N extra layers (N x 22 MB); a streaming one by less than one layer.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from cola_megatron.convert import measure
+
+LAYERS = 6
+SHAPE = dict(vocab_size=8192, hidden_size=1536, intermediate_size=4096, num_attention_heads=12, rank=384)
+STEPS = ("from-hf", "reshard", "to-hf")
+
+
+def _cli(*argv):
+    return [sys.executable, "-m", "cola_megatron.convert.cli", *argv]
+
+
+def _env():
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+def _layer_bytes(fields, dtype):
+    from cola_megatron.hf.configuration_cola import ColaConfig
+    from cola_megatron.hf.modeling_cola import expected_parameter_shapes
+
+    shapes = expected_parameter_shapes(ColaConfig(**{k: v for k, v in fields.items() if k != "model_type"}))
+    return sum(torch.Size(s).numel() for k, s in shapes.items() if k.startswith("model.layers.0.")) * dtype.itemsize
+
+
+@pytest.fixture(scope="module")
+def conversions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert_memory")
+    results = {}
+    for layers in (LAYERS, 2 * LAYERS):
+        fields = measure.reference_config("7b", layers, **SHAPE)
+        work = root / str(layers)
+        model_bytes = measure.write_random_reference(str(work / "reference"), fields, torch.bfloat16,
+                                                     max_shard_size="100MB")
+        peaks = {}
+        for step, argv in zip(STEPS, (
+                ["from-hf", work / "reference", work / "ckpt"],
+                ["reshard", work / "ckpt", work / "tp2", "--tp", "2"],
+                ["to-hf", work / "tp2", work / "hf", "--no-tokenizer", "--max-shard-size", "100MB"])):
+            done, peak, _ = measure.run_measured(_cli(*map(str, argv)), env=_env(), timeout=600)
+            assert done.returncode == 0, done.stderr[-2000:]
+            peaks[step] = peak
+        results[layers] = dict(work=work, fields=fields, peaks=peaks, model_bytes=model_bytes)
+    return results
+
+
+def test_memory_is_bounded_by_layers_not_model_size(conversions):
+    small, large = conversions[LAYERS], conversions[2 * LAYERS]
+    layer = _layer_bytes(small["fields"], torch.bfloat16)
+    assert large["model_bytes"] - small["model_bytes"] == LAYERS * layer > 100 * 2**20  # what holding it would add
+    report = {s: (small["peaks"][s] / 2**20, large["peaks"][s] / 2**20) for s in STEPS}
+    for step in STEPS:
+        assert abs(large["peaks"][step] - small["peaks"][step]) < layer, (step, report, layer / 2**20)
+
+
+def test_round_trip_is_bit_exact_and_keeps_bf16(conversions):
+    """reference layout → torch_dist → TP2 → Hugging Face: every tensor identical, bf16 throughout."""
+    import json
+
+    from megatron.core import dist_checkpointing
+
+    from cola_megatron.convert.hf_io import WeightReader
+    from cola_megatron.training import checkpoint as ckpt_lib
+
+    work = conversions[LAYERS]["work"]
+    source, exported = WeightReader(str(work / "reference")), WeightReader(str(work / "hf"))
+    assert set(source.shapes) == set(exported.shapes)
+    for name in source.shapes:
+        a, b = source.get(name), exported.get(name)
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
+    config = json.loads((work / "hf" / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
+    for ckpt in ("ckpt", "tp2"):
+        stored = dist_checkpointing.load_tensors_metadata(ckpt_lib.resolve_checkpoint(str(work / ckpt)))
+        assert {t.dtype for t in stored.values()} == {torch.bfloat16}, ckpt
+    assert len(os.listdir(ckpt_lib.resolve_checkpoint(str(work / "tp2")))) > len(
+        os.listdir(ckpt_lib.resolve_checkpoint(str(work / "ckpt"))))  # written by two ranks
+
+
+def test_to_hf_dtype_override(conversions, tmp_path):
+    import json
+
+    from cola_megatron.convert.hf_io import WeightReader
+
+    work = conversions[LAYERS]["work"]
+    out = tmp_path / "fp32"
+    done = subprocess.run(_cli("to-hf", str(work / "ckpt"), str(out), "--no-tokenizer", "--dtype", "float32"),
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    exported, source = WeightReader(str(out)), WeightReader(str(work / "reference"))
+    name = "model.layers.1.mlp.up_proj.cola_b"
+    assert exported.get(name).dtype == torch.float32 and torch.equal(exported.get(name), source.get(name).float())
+
+
+def _rank_processes(pid):
+    """The spawned rank processes of ``pid`` (its children but multiprocessing's resource tracker)."""
+    ranks = []
+    for child in measure.children_of(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "spawn_main" in cmdline:
+            ranks.append(child)
+    return ranks
+
+
+def test_a_killed_rank_ends_the_reshard_in_one_line(conversions, tmp_path):
+    work = conversions[LAYERS]["work"]
+    out = tmp_path / "resharded"
+    process = subprocess.Popen(_cli("reshard", str(work / "ckpt"), str(out), "--tp", "2", "--pp", "2"),
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, victim = time.monotonic() + 300, None
+    while time.monotonic() < deadline and process.poll() is None:
+        ranks = _rank_processes(process.pid)
+        writing = out.is_dir() and any(p.name.startswith(".scratch-") for p in out.rglob("*"))
+        if len(ranks) == 4 and writing:  # every rank started and writing has begun
+            victim = ranks[1]
+            os.kill(victim, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    _, err = process.communicate(timeout=300)
+    assert victim is not None, err
+    lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line and "warn" not in line]
+    assert process.returncode != 0
+    assert "Traceback" not in err
+    errors = [line for line in lines if line.startswith("cola-convert: error:")]
+    assert len(errors) == 1 and "killed by SIGKILL" in errors[0] and "Fix:" in errors[0], err
+    assert not (out / "latest").exists() and not out.exists()
