@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from cola_megatron.analysis import plan
+from cola_megatron.compat.sdpa import cpu_flash_runs_bf16
 from cola_megatron.config import config_from_dict, load_config
 from tests.distributed import run_distributed
 
@@ -166,6 +167,7 @@ def measured():
     """{(case, rank): (predicted Memory, measured model states, measured activations)}."""
     out = {}
     for world, cases in ((1, CASES_WORLD_1), (2, CASES_WORLD_2)):
+        cases = {name: cfg for name, cfg in cases.items() if _measurable(cfg)}
         per_rank = run_distributed(_measure_cases, world, list(cases.items()))
         for rank, results in enumerate(per_rank):
             for name, (stage, states, activations) in results.items():
@@ -178,8 +180,17 @@ def measured():
 ALL_CASES = [(n, r) for n in CASES_WORLD_1 for r in range(1)] + [(n, r) for n in CASES_WORLD_2 for r in range(2)]
 
 
+def _measurable(cfg) -> bool:
+    """The model counts what flash attention stores. Where torch's CPU flash kernel cannot run bf16 (an AMX machine
+    at ATEN_CPU_CAPABILITY below AVX-512, compat/sdpa.py), bf16 attention runs the math kernel, which also stores
+    the s×s probabilities no GPU run stores: nothing there to compare with."""
+    return cfg.train.precision != "bf16" or cpu_flash_runs_bf16()
+
+
 @pytest.mark.parametrize("case,rank", ALL_CASES)
 def test_predicted_memory_within_10_percent_of_measured(measured, case, rank):
+    if (case, rank) not in measured:
+        pytest.skip("bf16 attention runs torch's math kernel at this ATEN_CPU_CAPABILITY (compat/sdpa.py)")
     predicted, states, activations = measured[(case, rank)]
     total_predicted = predicted.model_states + predicted.activations
     total_measured = states + activations

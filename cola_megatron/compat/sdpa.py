@@ -13,13 +13,17 @@ import contextlib
 import torch
 
 
-def _flash_refuses_bf16() -> bool:
-    return not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+def cpu_flash_runs_bf16() -> bool:
+    """Whether torch's CPU flash-attention kernel can run bf16 here: always, except where the hardware has the bf16
+    matrix instructions it packs for (AMX, AVX-512 BF16) and ATen's dispatch level is below AVX-512."""
+    hardware_packs = any(getattr(torch.cpu, probe, lambda: True)()
+                         for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return not hardware_packs or torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def attention_kernels(query: torch.Tensor):
     """Context for one scaled_dot_product_attention call on ``query``'s device and dtype."""
-    if query.device.type == "cpu" and query.dtype == torch.bfloat16 and _flash_refuses_bf16():
+    if query.device.type == "cpu" and query.dtype == torch.bfloat16 and not cpu_flash_runs_bf16():
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         return sdpa_kernel([SDPBackend.MATH])
