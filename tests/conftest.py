@@ -4,6 +4,7 @@ import getpass
 import os
 import tempfile
 
+import pytest
 import torch
 
 # torch (2.13) caches inductor's compiled CPU kernels without ATen's CPU capability in the key: kernels compiled in
@@ -11,3 +12,16 @@ import torch
 # which passes from a fresh cache. One cache per capability keeps the suite's passes at different capabilities apart.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{torch.backends.cpu.get_cpu_capability().lower()}"))
+
+
+@pytest.fixture(scope="module")
+def hf_offline(tmp_path_factory):
+    """No hub access for a module's Hugging Face loads; remote code is cached in a fresh HF_HOME."""
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME")}
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path_factory.mktemp("hf_home")))
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -63,16 +63,7 @@ def converted(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline():
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 def test_runs_the_expected_transformers():

@@ -61,18 +61,7 @@ def export(tmp_path_factory):
     return build_export(tmp_path_factory.mktemp("hf_export"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def offline(tmp_path_factory):
-    """No hub access; remote code is cached in a fresh HF_HOME."""
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME")}
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                      HF_HOME=str(tmp_path_factory.mktemp("hf_home")))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("hf_offline")
 
 
 def load(path, **kwargs):

@@ -264,42 +264,13 @@ def hf_config_fields(m: ModelConfig, special_ids: Optional[Mapping[str, Optional
     """``ColaConfig`` keyword arguments for a run's model section (``LlamaConfig`` ones for a dense model);
     ``reference_layout``: for the reference implementation's own code, which has no grouped-query attention."""
     ids = dict(special_ids or {})
-    if m.arch == "dense":
-        return dict(
-            vocab_size=m.vocab_size,
-            hidden_size=m.hidden_size,
-            intermediate_size=m.padded_ffn_hidden_size,
-            num_hidden_layers=m.num_layers,
-            num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_query_groups or m.num_attention_heads,
-            head_dim=m.hidden_size // m.num_attention_heads,
-            hidden_act="silu",
-            max_position_embeddings=m.max_position_embeddings or m.seq_length,
-            rms_norm_eps=m.norm_eps,
-            rope_theta=m.rope_theta,
-            initializer_range=m.init_std,
-            attention_bias=False,
-            mlp_bias=False,
-            tie_word_embeddings=False,
-            bos_token_id=ids.get("bos_token_id"),
-            eos_token_id=ids.get("eos_token_id"),
-            pad_token_id=ids.get("pad_token_id"),
-            architectures=["LlamaForCausalLM"],
-        )
-    if reference_layout and is_grouped(m):
-        raise ConversionError(f"model.num_query_groups={m.num_query_groups} (of {m.num_attention_heads} heads): "
-                              f"{REFERENCE_CANNOT_REPRESENT_GQA}. Fix: export without --reference-layout; the "
-                              "shipped modeling code loads it")
-    return dict(
+    shared = dict(
         vocab_size=m.vocab_size,
         hidden_size=m.hidden_size,
         intermediate_size=m.padded_ffn_hidden_size,
         num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.num_query_groups or m.num_attention_heads,
-        rank=m.rank,
-        lr_act_type=m.lr_act,
-        only_lr_act=m.only_lr_act,
         hidden_act="silu",
         max_position_embeddings=m.max_position_embeddings or m.seq_length,
         rms_norm_eps=m.norm_eps,
@@ -309,8 +280,16 @@ def hf_config_fields(m: ModelConfig, special_ids: Optional[Mapping[str, Optional
         bos_token_id=ids.get("bos_token_id"),
         eos_token_id=ids.get("eos_token_id"),
         pad_token_id=ids.get("pad_token_id"),
-        architectures=["ColaForCausalLM"],
     )
+    if m.arch == "dense":
+        return dict(shared, head_dim=m.hidden_size // m.num_attention_heads, attention_bias=False, mlp_bias=False,
+                    architectures=["LlamaForCausalLM"])
+    if reference_layout and is_grouped(m):
+        raise ConversionError(f"model.num_query_groups={m.num_query_groups} (of {m.num_attention_heads} heads): "
+                              f"{REFERENCE_CANNOT_REPRESENT_GQA}. Fix: export without --reference-layout; the "
+                              "shipped modeling code loads it")
+    return dict(shared, rank=m.rank, lr_act_type=m.lr_act, only_lr_act=m.only_lr_act,
+                architectures=["ColaForCausalLM"])
 
 
 REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
