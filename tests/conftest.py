@@ -25,3 +25,27 @@ def hf_offline(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group_ends_with_its_module():
+    """A module that initialises torch.distributed in the test process (megatron's parallel state, in-process
+    conversion) ends it with the module. Left alive, its rendezvous port stays bound and its MASTER_PORT stays in
+    os.environ, where every later subprocess finds it, and their process groups fail with EADDRINUSE."""
+    saved = {k: os.environ.get(k) for k in _RENDEZVOUS}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
