@@ -387,35 +387,19 @@ def model_section_from_hf(raw: Mapping[str, Any], rank: Optional[int] = None, on
     theta = raw.get("rope_theta") or rope.get("rope_theta") or defaults["rope_theta"]
     context = raw.get("max_position_embeddings") or raw.get("max_sequence_length") or defaults["max_position_embeddings"]
     only = raw.get("only_lr_act", defaults["only_lr_act"]) if only_lr_act is None else only_lr_act
-    if keep_dense:
-        return dict(
-            arch="dense",
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            ffn_hidden_size=raw["intermediate_size"],
-            num_layers=raw["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_query_groups=kv_heads if kv_heads != heads else None,
-            max_position_embeddings=int(context),
-            seq_length=min(int(context), ModelConfig().seq_length),
-            norm_eps=float(raw.get("rms_norm_eps") or defaults["rms_norm_eps"]),
-            rope_theta=float(theta),
-            init_std=float(raw.get("initializer_range") or defaults["initializer_range"]),
-        )
-    return dict(
-        arch="cola",
+    shared = dict(
         vocab_size=raw["vocab_size"],
         hidden_size=raw["hidden_size"],
         ffn_hidden_size=raw["intermediate_size"],
         num_layers=raw["num_hidden_layers"],
         num_attention_heads=heads,
-        num_query_groups=None if dense or kv_heads == heads else kv_heads,
-        rank=int(rank),
-        only_lr_act=bool(only),
-        lr_act=raw.get("lr_act_type") or defaults["lr_act_type"],
         max_position_embeddings=int(context),
         seq_length=min(int(context), ModelConfig().seq_length),
         norm_eps=float(raw.get("rms_norm_eps") or defaults["rms_norm_eps"]),
         rope_theta=float(theta),
         init_std=float(raw.get("initializer_range") or defaults["initializer_range"]),
     )
+    if keep_dense:
+        return dict(shared, arch="dense", num_query_groups=kv_heads if kv_heads != heads else None)
+    return dict(shared, arch="cola", num_query_groups=None if dense or kv_heads == heads else kv_heads,
+                rank=int(rank), only_lr_act=bool(only), lr_act=raw.get("lr_act_type") or defaults["lr_act_type"])
