@@ -181,7 +181,7 @@ def _convert_everything(root):
     tokens = torch.tensor(TOKENS)
     tokenizer = os.path.join(root, "tokenizer.json")
     train_tokenizer(tokenizer)
-    results = {}
+    results = {"root": root}
     for only in (False, True):
         tag = f"only_lr_act={only}"
         cfg = run_config(only, tokenizer if not only else None)
@@ -318,6 +318,42 @@ def _warm_start(cfg, load_dir):
     values["optimizer"].update(warmup_iters=0)
     values["checkpoint"].update(load_dir=load_dir, load_optimizer=False, save_dir=None)
     return run(config_from_dict(values), log=False).history
+
+
+def _continue_at_tp2_pp2(root):
+    """Three more steps at TP2 x PP2 from the resharded run's checkpoint, and from the TP1 checkpoint it was made of
+    (any torch_dist checkpoint loads at any layout)."""
+    import torch.distributed as dist
+
+    from cola_megatron.config import config_from_dict
+    from cola_megatron.training import checkpoint as ckpt_lib
+    from cola_megatron.training.run import run
+
+    run_dir = os.path.join(root, "only_lr_act=False")
+    resharded = ckpt_lib.resolve_checkpoint(os.path.join(run_dir, "resharded"))
+    histories = {}
+    for name in ("resharded", "tp1"):
+        values = ckpt_lib.read_checkpoint_config(resharded).to_dict()
+        values["train"].update(train_iters=5, micro_batch_size=2, global_batch_size=4, eval_iters=0)
+        values["checkpoint"].update(load_dir=os.path.join(run_dir, name), save_dir=None, save_interval=0,
+                                    scheduler_from="checkpoint")
+        histories[name] = run(config_from_dict(values), log=False).history
+        dist.barrier()
+    return histories
+
+
+@pytest.fixture(scope="module")
+def continued(converted):
+    return run_distributed(_continue_at_tp2_pp2, 4, converted["root"], timeout=600)
+
+
+def test_a_resharded_run_continues_as_its_source_does_at_that_layout(continued):
+    """The resharded checkpoint's optimizer state, schedule and data position are the source's: three more steps
+    from it give the losses the TP1 checkpoint gives when resumed at TP2 x PP2 directly (the same kernels at the
+    same layout, so bit-identical). From the second step on, the losses depend on the optimizer state.."""
+    for histories in continued:
+        assert len(histories["resharded"]) == 3 and histories["resharded"] == histories["tp1"], histories
+    assert continued[0]["resharded"][0] != continued[0]["resharded"][1]
 
 
 def _read_export(export):

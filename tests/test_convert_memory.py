@@ -1,9 +1,11 @@
 """cola-convert at scale: memory bounded by layers, not model size; dtype kept; a killed reshard rank.
 
 The same conversions of an N-layer and a 2N-layer CoLA model (hundreds of MB each, bf16) in the reference
-implementation's layout: from-hf, reshard to TP2 and to-hf back, each a real command whose processes are sampled
-for what the kernel cannot reclaim (Pss_Anon + Pss_Shmem, :mod:`cola_megatron.convert.measure`). A tool that held
-the model would differ by the N extra layers (N x 22 MB); a streaming one by less than one layer.
+implementation's layout: from-hf, and to-hf back, and reshard to TP2 of a run's checkpoint made from it (one training
+step: bf16 weights, fp32 main weights and Adam's two moments, 14 bytes a parameter), each a real command whose
+processes are sampled for what the kernel cannot reclaim (Pss_Anon + Pss_Shmem, :mod:`cola_megatron.convert.measure`).
+A tool that held the model would differ by the N extra layers (N x 22 MB of weights, N x 154 MB of training state);
+a streaming one by less than one layer.
 """
 
 import os
@@ -20,6 +22,11 @@ from cola_megatron.convert import measure
 LAYERS = 6
 SHAPE = dict(vocab_size=8192, hidden_size=1536, intermediate_size=4096, num_attention_heads=12, rank=384)
 STEPS = ("from-hf", "reshard", "to-hf")
+# One training step from the converted weights, on mock data, saved with its optimizer state.
+ONE_STEP = ["data.mock=true", "data.train_paths=[]", "data.valid_paths=[]", "data.tokenizer=null",
+            "train.train_iters=1", "train.global_batch_size=1", "train.micro_batch_size=1", "train.eval_iters=0",
+            "model.seq_length=16", "optimizer.warmup_iters=0", "logging.tensorboard=false",
+            "checkpoint.load_optimizer=false", "checkpoint.save_interval=1"]
 
 
 def _cli(*argv):
@@ -28,6 +35,23 @@ def _cli(*argv):
 
 def _env():
     return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+def _train_one_step(weights, run_dir):
+    config = os.path.join(weights, "iter_0000000", "cola_config.yaml")
+    done = subprocess.run([sys.executable, "-m", "cola_megatron.train", "--config", config, *ONE_STEP,
+                           f"checkpoint.load_dir={weights}", f"checkpoint.save_dir={run_dir}"],
+                          env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _stored_layer_bytes(ckpt_dir, layers):
+    """Bytes a checkpoint stores per transformer layer (weights and any optimizer state)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata
+    return sum(v.size.numel() * v.properties.dtype.itemsize for k, v in stored.items() if "decoder.layers." in k) \
+        // layers
 
 
 def _layer_bytes(fields, dtype):
@@ -50,12 +74,15 @@ def conversions(tmp_path_factory):
         peaks = {}
         for step, argv in zip(STEPS, (
                 ["from-hf", work / "reference", work / "ckpt"],
-                ["reshard", work / "ckpt", work / "tp2", "--tp", "2"],
-                ["to-hf", work / "tp2", work / "hf", "--no-tokenizer", "--max-shard-size", "100MB"])):
+                ["reshard", work / "run", work / "run_tp2", "--tp", "2"],
+                ["to-hf", work / "ckpt", work / "hf", "--no-tokenizer", "--max-shard-size", "100MB"])):
+            if step == "reshard":
+                _train_one_step(str(work / "ckpt"), str(work / "run"))
             done, peak, _ = measure.run_measured(_cli(*map(str, argv)), env=_env(), timeout=600)
             assert done.returncode == 0, done.stderr[-2000:]
             peaks[step] = peak
-        results[layers] = dict(work=work, fields=fields, peaks=peaks, model_bytes=model_bytes)
+        run_layer = _stored_layer_bytes(str(work / "run" / "iter_0000001"), layers)
+        results[layers] = dict(work=work, fields=fields, peaks=peaks, model_bytes=model_bytes, run_layer=run_layer)
     return results
 
 
@@ -63,13 +90,15 @@ def test_memory_is_bounded_by_layers_not_model_size(conversions):
     small, large = conversions[LAYERS], conversions[2 * LAYERS]
     layer = _layer_bytes(small["fields"], torch.bfloat16)
     assert large["model_bytes"] - small["model_bytes"] == LAYERS * layer > 100 * 2**20  # what holding it would add
+    assert small["run_layer"] == large["run_layer"] == 7 * layer  # bf16 weights + three fp32 tensors per parameter
     report = {s: (small["peaks"][s] / 2**20, large["peaks"][s] / 2**20) for s in STEPS}
     for step in STEPS:
         assert abs(large["peaks"][step] - small["peaks"][step]) < layer, (step, report, layer / 2**20)
 
 
 def test_round_trip_is_bit_exact_and_keeps_bf16(conversions):
-    """reference layout → torch_dist → TP2 → Hugging Face: every tensor identical, bf16 throughout."""
+    """reference layout → torch_dist → Hugging Face: every tensor identical, bf16 throughout; the run's
+    checkpoint resharded to TP2 keeps bf16 weights and fp32 optimizer state, written by two ranks."""
     import json
 
     from megatron.core import dist_checkpointing
@@ -85,11 +114,15 @@ def test_round_trip_is_bit_exact_and_keeps_bf16(conversions):
         assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), name
     config = json.loads((work / "hf" / "config.json").read_text())
     assert config["torch_dtype"] == config["dtype"] == "bfloat16"
-    for ckpt in ("ckpt", "tp2"):
-        stored = dist_checkpointing.load_tensors_metadata(ckpt_lib.resolve_checkpoint(str(work / ckpt)))
-        assert {t.dtype for t in stored.values()} == {torch.bfloat16}, ckpt
-    assert len(os.listdir(ckpt_lib.resolve_checkpoint(str(work / "tp2")))) > len(
-        os.listdir(ckpt_lib.resolve_checkpoint(str(work / "ckpt"))))  # written by two ranks
+    stored = dist_checkpointing.load_tensors_metadata(ckpt_lib.resolve_checkpoint(str(work / "ckpt")))
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    for run in ("run", "run_tp2"):
+        stored = dist_checkpointing.load_tensors_metadata(ckpt_lib.resolve_checkpoint(str(work / run)))
+        weights = {t.dtype for k, t in stored.items() if not k.startswith("optimizer.")}
+        optimizer = {t.dtype for k, t in stored.items() if k.startswith("optimizer.")}
+        assert weights == {torch.bfloat16} and optimizer == {torch.float32}, run
+    resharded = ckpt_lib.resolve_checkpoint(str(work / "run_tp2"))
+    assert {f.split("_")[2] for f in os.listdir(resharded) if f.endswith(".distcp")} == {"0", "1"}
 
 
 def test_to_hf_dtype_override(conversions, tmp_path):

@@ -224,7 +224,7 @@ def reshard(args) -> None:
     from cola_megatron.convert.reshard import reshard as run_reshard
 
     ckpt = run_reshard(args.checkpoint, args.output, args.tensor_parallel, args.pipeline_parallel,
-                       args.virtual_pipeline, args.cola_tp_scheme)
+                       args.virtual_pipeline, args.cola_tp_scheme, show_progress=not args.no_progress)
     print(f"wrote {ckpt} at TP={args.tensor_parallel} PP={args.pipeline_parallel}")
 
 

@@ -121,6 +121,31 @@ def is_weights_only(ckpt_dir: str) -> bool:
     return common.get("contents") == WEIGHTS_ONLY or "optimizer" not in common
 
 
+def save_sharded(sharded: dict, cfg: Config, save_dir: str, iteration: int, manifest: bool = False) -> str:
+    """Write this rank's sharded state dict as ``save_dir/iter_NNNNNNN`` (every rank calls it), then the config and,
+    once every rank's files are in place, ``latest``. With ``manifest``, the ranks checksum the files first, as a
+    run's checkpoint has them checked before it is resumed."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from cola_megatron.training.checkpoint.manifest import write_manifest_from_all_ranks
+
+    name = ckpt_lib.checkpoint_name(iteration)
+    ckpt_dir = os.path.join(save_dir, name)
+    if dist.get_rank() == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(sharded, ckpt_dir)
+    dist.barrier()  # every rank's files are written before the checkpoint is declared complete
+    if manifest:
+        write_manifest_from_all_ranks(ckpt_dir)
+    if dist.get_rank() == 0:
+        ckpt_lib.write_config(ckpt_dir, cfg)
+        ckpt_lib.write_latest(save_dir, name)
+    dist.barrier()
+    return ckpt_dir
+
+
 def save_weights(model_state: Dict[str, dict], cfg: Config, save_dir: str,
                  train_state: Optional[dict] = None, special_tokens: Optional[dict] = None) -> str:
     """Write this rank's model sharded state dict (:func:`filled_model_state`) as a weights-only checkpoint
@@ -130,15 +155,7 @@ def save_weights(model_state: Dict[str, dict], cfg: Config, save_dir: str,
     train state (iteration 0 unless given), the schedule at its start, and no layout, so that no RNG state is
     expected; ``contents`` marks the missing optimizer state.
     """
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-
     train_state = dict(train_state or {"iteration": 0, "consumed_samples": 0, "skipped_steps": 0, "extra": {}})
-    name = ckpt_lib.checkpoint_name(train_state["iteration"])
-    ckpt_dir = os.path.join(save_dir, name)
-    if dist.get_rank() == 0:
-        os.makedirs(ckpt_dir, exist_ok=True)
-    dist.barrier()
     sharded = dict(model_state)
     sharded.update(
         contents=WEIGHTS_ONLY,
@@ -150,13 +167,7 @@ def save_weights(model_state: Dict[str, dict], cfg: Config, save_dir: str,
     )
     if special_tokens:
         sharded[SPECIAL_TOKENS] = dict(special_tokens)
-    dist_checkpointing.save(sharded, ckpt_dir)
-    dist.barrier()  # every rank's files are written before the checkpoint is declared complete
-    if dist.get_rank() == 0:
-        ckpt_lib.write_config(ckpt_dir, cfg)
-        ckpt_lib.write_latest(save_dir, name)
-    dist.barrier()
-    return ckpt_dir
+    return save_sharded(sharded, cfg, save_dir, train_state["iteration"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -314,17 +325,19 @@ class ScratchTensors:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def filled_model_state(cfg: Config, scratch: ScratchTensors, dtype: torch.dtype, fill) -> Dict[str, dict]:
-    """This rank's model sharded state dict with scratch tensors of ``dtype`` that ``fill(entries_by_chunk)``
-    fills, megatron's factories applied (each tensor a storage of its own, so the writer copies nothing)."""
+def with_scratch(state: Dict[str, dict], scratch: ScratchTensors, dtype: torch.dtype) -> Dict[str, dict]:
+    """``state`` (``{chunk: {name: entry}}``, on the meta device) with an empty scratch tensor of ``dtype`` in each
+    entry, for a ``fill`` to write into."""
+    return {chunk: {name: with_data(entry, scratch.empty(entry.data.shape, dtype)) for name, entry in entries.items()}
+            for chunk, entries in state.items()}
+
+
+def writable(state: dict, scratch: ScratchTensors) -> dict:
+    """A filled sharded state dict as megatron's writer takes it: factories applied, and each tensor a storage of
+    its own (the writer would otherwise copy a view's whole storage)."""
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
     from megatron.core.dist_checkpointing.mapping import apply_factories
 
-    state = model_layout_state(cfg)
-    for entries in state.values():
-        for name, entry in entries.items():
-            entries[name] = with_data(entry, scratch.empty(entry.data.shape, dtype))
-    fill(state)
     apply_factories(state)
 
     def own_storage(entry):
@@ -337,6 +350,14 @@ def filled_model_state(cfg: Config, scratch: ScratchTensors, dtype: torch.dtype,
 
     dict_list_map_inplace(own_storage, state)
     return state
+
+
+def filled_model_state(cfg: Config, scratch: ScratchTensors, dtype: torch.dtype, fill) -> Dict[str, dict]:
+    """This rank's model sharded state dict with scratch tensors of ``dtype`` that ``fill(entries_by_chunk)``
+    fills, ready for megatron's writer."""
+    state = with_scratch(model_layout_state(cfg), scratch, dtype)
+    fill(state)
+    return writable(state, scratch)
 
 
 def write_weights(cfg: Config, save_dir: str, dtype: torch.dtype, fill, train_state: Optional[dict] = None,

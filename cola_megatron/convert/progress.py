@@ -22,5 +22,11 @@ class Progress:
         self.bar.set_postfix_str(f"{self.done}/{self.tensors} tensors", refresh=False)
         self.bar.update(nbytes)
 
+    def show(self, done_bytes: int, total_bytes: int, phase: str) -> None:
+        """Where work done elsewhere (other processes) stands."""
+        self.bar.total = max(total_bytes, done_bytes)
+        self.bar.set_postfix_str(phase, refresh=False)
+        self.bar.update(done_bytes - self.bar.n)
+
     def close(self) -> None:
         self.bar.close()

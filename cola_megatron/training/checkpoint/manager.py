@@ -31,12 +31,10 @@ from cola_megatron.config import Config
 from cola_megatron.errors import CheckpointError, TrainingStopped
 from cola_megatron.training.checkpoint.manifest import (
     checksum_problems,
-    describe_files,
-    listed_files,
     raise_damaged,
     read_manifest,
     size_problems,
-    write_manifest,
+    write_manifest_from_all_ranks,
 )
 from cola_megatron.training.checkpoint.paths import (
     LATEST_FILE,
@@ -462,7 +460,7 @@ class CheckpointManager:
         def commit():
             dist.barrier()  # every rank's files are written (megatron's metadata.json follows them)
             faults.point("save_committing")
-            self._write_manifest(path)
+            write_manifest_from_all_ranks(path)
             if _is_rank0():
                 write_config(path, self.cfg)
                 write_latest(self.save_dir, name, before_replace=lambda: faults.point("save_before_latest"))
@@ -479,18 +477,6 @@ class CheckpointManager:
             self.last_saved_iteration = it
         else:
             commit()
-
-    def _write_manifest(self, path: str) -> None:
-        """Ranks checksum a share of the files each; rank 0 writes the manifest before the checkpoint completes."""
-        world, rank = dist.get_world_size(), dist.get_rank()
-        files = listed_files(path) if rank == 0 else None
-        box = [files]
-        dist.broadcast_object_list(box, src=0)
-        mine = describe_files(path, box[0][rank::world])
-        gathered = [None] * world
-        dist.all_gather_object(gathered, mine)
-        if rank == 0:
-            write_manifest(path, {k: v for part in gathered for k, v in part.items()})
 
     def _retain(self) -> None:
         """keep_last, sparing the checkpoint this run resumed from (when it lives in save_dir) and the newest

@@ -59,6 +59,19 @@ def write_manifest(ckpt_dir: str, entries: Dict[str, dict]) -> None:
     os.replace(tmp, os.path.join(ckpt_dir, MANIFEST_FILE))
 
 
+def write_manifest_from_all_ranks(ckpt_dir: str) -> None:
+    """Every rank of the default process group checksums a share of the files; rank 0 writes the manifest."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    box = [listed_files(ckpt_dir) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, describe_files(ckpt_dir, box[0][rank::world]))
+    if rank == 0:
+        write_manifest(ckpt_dir, {k: v for part in gathered for k, v in part.items()})
+
+
 def read_manifest(ckpt_dir: str) -> Optional[Dict[str, dict]]:
     path = os.path.join(ckpt_dir, MANIFEST_FILE)
     if not os.path.isfile(path):
