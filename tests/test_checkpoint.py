@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.distributed import run_distributed
-from tests.numerics import assert_same_trajectory
+from tests.numerics import TRAJECTORY_ADAM_EPS, assert_same_trajectory
 
 STEPS = 10
 
@@ -34,7 +34,7 @@ def _cfg(save_dir=None, iters=STEPS, load_dir=None, save_interval=0, arch="cola"
         "train": dict(micro_batch_size=2, global_batch_size=8, train_iters=iters, eval_iters=0,
                       seed=7, **train),
         # A fixed schedule length, so a run stopped at 5 and resumed to 10 follows the same LR curve.
-        "optimizer": dict(lr=3e-3, warmup_iters=2, decay_iters=STEPS),
+        "optimizer": dict(lr=3e-3, warmup_iters=2, decay_iters=STEPS, adam_eps=TRAJECTORY_ADAM_EPS),
         "data": dict(mock=True),
         "checkpoint": dict(save_dir=save_dir, load_dir=load_dir, save_interval=save_interval, **checkpoint),
         "logging": dict(log_interval=100),

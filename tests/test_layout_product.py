@@ -10,7 +10,7 @@ import os
 import pytest
 
 from tests.distributed import run_distributed
-from tests.numerics import assert_same_trajectory
+from tests.numerics import TRAJECTORY_ADAM_EPS, assert_same_trajectory
 
 SAVED_AT, ITERS = 3, 5
 
@@ -24,7 +24,7 @@ def _cfg(iters, save_dir=None, load_dir=None, **parallel):
         "parallel": dict(use_distributed_optimizer=True, **parallel),
         "train": dict(micro_batch_size=2, global_batch_size=8, train_iters=iters, eval_iters=0, seed=7,
                       precision="fp32"),
-        "optimizer": dict(lr=3e-3, warmup_iters=1, decay_iters=10),
+        "optimizer": dict(lr=3e-3, warmup_iters=1, decay_iters=10, adam_eps=TRAJECTORY_ADAM_EPS),
         "data": dict(mock=True),
         "checkpoint": dict(save_dir=save_dir, load_dir=load_dir),
         "logging": dict(log_interval=100),

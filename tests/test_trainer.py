@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests.distributed import run_distributed
-from tests.numerics import assert_same_trajectory
+from tests.numerics import TRAJECTORY_ADAM_EPS, assert_same_trajectory
 
 ITERS = 5
 
@@ -31,7 +31,7 @@ def _cfg(arch: str, train=None, **parallel):
         "parallel": parallel,
         "train": dict(dict(micro_batch_size=2, global_batch_size=8, train_iters=ITERS, precision="fp32",
                            eval_iters=0, seed=7), **(train or {})),
-        "optimizer": dict(lr=3e-3, warmup_iters=1),
+        "optimizer": dict(lr=3e-3, warmup_iters=1, adam_eps=TRAJECTORY_ADAM_EPS),
         "data": dict(mock=True),
         "logging": dict(log_interval=100),
     })

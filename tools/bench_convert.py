@@ -47,7 +47,7 @@ def tree_bytes(path: str) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="7b", choices=["7b", "1b"], help="the reference model's shape")
+    parser.add_argument("--size", default="7b", choices=["7b", "1b", "60m"], help="the reference model's shape")
     parser.add_argument("--layers", type=int, help="fewer layers than the shape has (a quicker run)")
     parser.add_argument("--dir", help="work directory (default: a new one under the system's temp directory)")
     parser.add_argument("--tp", type=int, default=4)

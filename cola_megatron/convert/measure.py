@@ -22,6 +22,8 @@ SIZES = {
                num_attention_heads=32, rank=1024),
     "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5461, num_hidden_layers=24,
                num_attention_heads=32, rank=512),
+    "60m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                num_attention_heads=8, rank=128),
 }
 
 
