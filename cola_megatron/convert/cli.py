@@ -204,7 +204,7 @@ def from_hf(args) -> None:
             for group in groups:
                 for unit in group:
                     parts = [reader.get(stored[n]) for n in unit.reference]
-                    entries[unit.megatron].data.copy_(names.to_megatron(unit, parts))
+                    names.to_megatron(unit, parts, out=entries[unit.megatron].data)
                     progress(sum(p.numel() * p.element_size() for p in parts))
             progress.close()
 
@@ -262,7 +262,7 @@ def from_dense(args) -> None:
                 for group in groups:
                     for unit in group:
                         parts = [factors.get(n) for n in unit.reference]
-                        entries[unit.megatron].data.copy_(names.to_megatron(unit, parts))
+                        names.to_megatron(unit, parts, out=entries[unit.megatron].data)
                         for p in parts:
                             progress(p.numel() * p.element_size())
 

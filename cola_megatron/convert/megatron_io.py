@@ -10,6 +10,7 @@ one with ``checkpoint.load_dir=DIR checkpoint.load_optimizer=false`` (fresh opti
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from typing import Dict, List, Optional, Sequence
@@ -121,6 +122,25 @@ def is_weights_only(ckpt_dir: str) -> bool:
     return common.get("contents") == WEIGHTS_ONLY or "optimizer" not in common
 
 
+@contextlib.contextmanager
+def _without_zip_checksums():
+    """torch's distributed-checkpoint writer stores each tensor with ``torch.save``, whose zip records carry a CRC-32
+    that ``torch.load`` never checks; computing it makes the write several times slower (1.0 against 3.3 GB/s for
+    an 800 MB tensor on a 2-core x86 host, torch 2.13). Conversion skips it (torch >= 2.6 has the switch); a run's
+    checkpoints get their checksums from the manifest."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        yield
+        return
+    before = config.save.compute_crc32
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = before
+
+
 def save_sharded(sharded: dict, cfg: Config, save_dir: str, iteration: int, manifest: bool = False) -> str:
     """Write this rank's sharded state dict as ``save_dir/iter_NNNNNNN`` (every rank calls it), then the config and,
     once every rank's files are in place, ``latest``. With ``manifest``, the ranks checksum the files first, as a
@@ -135,7 +155,8 @@ def save_sharded(sharded: dict, cfg: Config, save_dir: str, iteration: int, mani
     if dist.get_rank() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(sharded, ckpt_dir)
+    with _without_zip_checksums():
+        dist_checkpointing.save(sharded, ckpt_dir)
     dist.barrier()  # every rank's files are written before the checkpoint is declared complete
     if manifest:
         write_manifest_from_all_ranks(ckpt_dir)
