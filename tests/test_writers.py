@@ -1,5 +1,5 @@
 """The results manager megatron's checkpoint writers report through outlives a scheduler's SIGTERM (Slurm signals
-every process of a job step while the trainer is saving through it) and dies with the trainer."""
+every process of a job step while the trainer is saving through it, or still starting) and dies with the trainer."""
 
 import os
 import signal
@@ -54,3 +54,39 @@ def test_results_manager_survives_sigterm_and_dies_with_trainer():
         assert not _alive(manager), "the results manager outlived the trainer"
     finally:
         proc.kill()
+
+
+STARTING = textwrap.dedent("""
+    import os, signal, sys, threading, time
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from cola_megatron.training.checkpoint import writers
+
+    seen = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # as the trainer's stop handler
+    starting = threading.Event()
+
+    def scheduler():  # SIGTERM to every process of the group, as Slurm's time limit, while the manager starts
+        while not starting.is_set():
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=scheduler)
+    thread.start()
+    try:
+        writers.install()
+    finally:
+        starting.set()
+        thread.join()
+    time.sleep(0.2)  # the signals held back during the start reach the handler
+    queue = filesystem_async._results_queue
+    queue.put("saved")
+    print(queue.get(), len(seen) > 0, flush=True)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signal masks across exec are POSIX; Linux's here")
+def test_sigterm_while_the_results_manager_starts_neither_kills_it_nor_is_lost():
+    proc = subprocess.run([sys.executable, "-c", STARTING], capture_output=True, text=True, timeout=120,
+                          start_new_session=True)  # its own process group, which it signals
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["saved", "True"], proc.stdout

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from multiprocessing.context import SpawnProcess
 
 _PR_SET_PDEATHSIG = 1
 _installed = False
@@ -67,9 +68,34 @@ def _start_results_manager() -> None:
         return
     if getattr(filesystem_async, "_results_queue", "absent") is not None:
         return  # already started, or a megatron-core without this global
-    import multiprocessing
     from multiprocessing.managers import SyncManager
 
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager = SyncManager(ctx=_SpawnsImmune())
     manager.start(_serve_results, (os.getpid(),))
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+
+
+_STOPPING = (signal.SIGTERM, signal.SIGINT)
+
+
+class _ImmuneProcess(SpawnProcess):
+    """A spawned process that ignores SIGTERM and SIGINT from its first instruction.
+
+    A new interpreter takes about a second to reach the manager's initializer. A scheduler's SIGTERM in that second
+    (a time limit or scancel while the trainer starts up) killed the manager, and the trainer with it (EOFError).
+    An ignored disposition is the one thing that survives exec, so the parent ignores the two signals for the few
+    milliseconds of fork and exec and then restores its own handlers."""
+
+    def start(self):
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _STOPPING}
+        try:
+            super().start()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+class _SpawnsImmune:
+    """The multiprocessing context SyncManager takes (it uses only ``Process``)."""
+
+    Process = _ImmuneProcess
