@@ -4,7 +4,7 @@ The same conversions of an N-layer and a 2N-layer CoLA model (hundreds of MB eac
 implementation's layout: from-hf, and to-hf back, and reshard to TP2 of a run's checkpoint made from it (one training
 step: bf16 weights, fp32 main weights and Adam's two moments, 14 bytes a parameter), each a real command whose
 processes are sampled for what the kernel cannot reclaim (Pss_Anon + Pss_Shmem, :mod:`cola_megatron.convert.measure`).
-A tool that held the model would differ by the N extra layers (N x 22 MB of weights, N x 154 MB of training state);
+A tool that held the model would differ by the N extra layers (N x 38 MB of weights, N x 267 MB of training state);
 a streaming one by less than one layer.
 """
 
@@ -20,7 +20,9 @@ import torch
 from cola_megatron.convert import measure
 
 LAYERS = 6
-SHAPE = dict(vocab_size=8192, hidden_size=1536, intermediate_size=4096, num_attention_heads=12, rank=384)
+# Layers of 40 MB (bf16): the peaks of a step vary by up to ~20 MB from run to run (heap and sampling), so a bound of
+# one layer must be well above that.
+SHAPE = dict(vocab_size=8192, hidden_size=2048, intermediate_size=5504, num_attention_heads=16, rank=512)
 STEPS = ("from-hf", "reshard", "to-hf")
 # One training step from the converted weights, on mock data, saved with its optimizer state.
 ONE_STEP = ["data.mock=true", "data.train_paths=[]", "data.valid_paths=[]", "data.tokenizer=null",
@@ -92,8 +94,14 @@ def test_memory_is_bounded_by_layers_not_model_size(conversions):
     assert large["model_bytes"] - small["model_bytes"] == LAYERS * layer > 100 * 2**20  # what holding it would add
     assert small["run_layer"] == large["run_layer"] == 7 * layer  # bf16 weights + three fp32 tensors per parameter
     report = {s: (small["peaks"][s] / 2**20, large["peaks"][s] / 2**20) for s in STEPS}
+    print(f"peak MB at {LAYERS} / {2 * LAYERS} layers (one layer: {layer / 2**20:.1f} MB of weights, "
+          f"{small['run_layer'] / 2**20:.1f} MB of training state): "
+          + ", ".join(f"{s} {a:.0f} / {b:.0f}" for s, (a, b) in report.items()))
     for step in STEPS:
-        assert abs(large["peaks"][step] - small["peaks"][step]) < layer, (step, report, layer / 2**20)
+        # One layer of what the step moves: weights for from-hf and to-hf; weights and optimizer state for the
+        # run's reshard (holding the model would add N of them).
+        bound = small["run_layer"] if step == "reshard" else layer
+        assert abs(large["peaks"][step] - small["peaks"][step]) < bound, (step, report, bound / 2**20)
 
 
 def test_round_trip_is_bit_exact_and_keeps_bf16(conversions):

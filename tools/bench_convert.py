@@ -3,7 +3,7 @@
 default), then ``from-hf`` → ``reshard --tp 4 --pp 2`` → ``to-hf``, each as its own command.
 
 Per step it prints the wall time, the peak memory of all the command's processes together (Pss_Anon + Pss_Shmem of
-/proc/PID/smaps_rollup, sampled every 50 ms: what the kernel cannot reclaim), the throughput (weight bytes / wall)
+/proc/PID/smaps_rollup, sampled every 10 ms: what the kernel cannot reclaim), the throughput (weight bytes / wall)
 and the disk-bound time: the step's bytes read and written at this disk's sequential speeds, measured first on a
 scratch file in the work directory (written with fsync; read after dropping that file's cached pages).
 

@@ -107,18 +107,24 @@ def unreclaimable_bytes(pid: int) -> int:
 
 
 class PeakMemory:
-    """Samples the summed memory of a process tree every ``interval`` seconds from a thread; ``peak`` is the most."""
+    """Samples the summed memory of a process tree every ``interval`` seconds from a thread; ``peak`` is the most.
 
-    def __init__(self, pid: int, interval: float = 0.05):
-        self.pid, self.interval, self.peak, self.processes = pid, interval, 0, 1
+    Transients (a tensor read, reordered and freed) last tens of milliseconds, so sampling is frequent; the tree
+    itself (a walk over /proc) is listed again only every ``tree_every`` samples."""
+
+    def __init__(self, pid: int, interval: float = 0.01, tree_every: int = 10):
+        self.pid, self.interval, self.tree_every, self.peak, self.processes = pid, interval, tree_every, 0, 1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        samples, pids = 0, [self.pid]
         while not self._stop.is_set():
-            pids = process_tree(self.pid)
-            self.processes = max(self.processes, len(pids))
+            if samples % self.tree_every == 0:
+                pids = process_tree(self.pid)
+                self.processes = max(self.processes, len(pids))
+            samples += 1
             self.peak = max(self.peak, sum(unreclaimable_bytes(p) for p in pids))
             self._stop.wait(self.interval)
 
