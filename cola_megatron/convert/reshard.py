@@ -26,13 +26,16 @@ import os
 import shutil
 import threading
 import traceback
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from cola_megatron.training import checkpoint as ckpt_lib
 from cola_megatron.config import Config, ConfigError
 from cola_megatron.convert import megatron_io
 from cola_megatron.errors import ConversionError
 from cola_megatron.training.distributed import free_port
+
+if TYPE_CHECKING:
+    import torch
 
 _OPTIMIZER = "optimizer."
 _RNG_OBJECT = "rng_state/"
@@ -48,7 +51,7 @@ def _stored_keys(state: Dict[str, dict]) -> set:
     return {entry.key for entry in nested_values(built)}
 
 
-def optimizer_layout(model: Dict[str, dict], metadata) -> Dict[str, Tuple[Dict[str, dict], "object"]]:
+def optimizer_layout(model: Dict[str, dict], metadata) -> Dict[str, Tuple[Dict[str, dict], "torch.dtype"]]:
     """``{prefix: (state, dtype)}``: for each kind of optimizer tensor the source stores (``optimizer.state.exp_avg.``
     and so on), this rank's model entries under that prefix. Found from the stored keys: ``prefix + parameter key``."""
     model_keys = _stored_keys(model)
