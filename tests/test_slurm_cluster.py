@@ -24,7 +24,7 @@ from typing import Dict, List, Tuple
 import pytest
 
 from tests import slurm_cluster
-from tests.numerics import TRAJECTORY_ADAM_EPS, assert_same_trajectory
+from tests.numerics import assert_same_trajectory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = "configs/demo.yaml"
@@ -37,7 +37,7 @@ MODEL = [
     "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
     "model.rank=16", "model.seq_length=32", "model.vocab_size=256", "train.global_batch_size=8",
     "train.micro_batch_size=2", "train.eval_iters=0", "optimizer.warmup_iters=1", "logging.log_interval=1",
-    "logging.tensorboard=false", f"optimizer.adam_eps={TRAJECTORY_ADAM_EPS}",
+    "logging.tensorboard=false",
 ]
 LAYOUT = ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]
 
