@@ -49,10 +49,6 @@ def disk_speeds(directory: str, size: int = 1 << 30, tries: int = 3):
     return max(w for w, _ in probes), max(r for _, r in probes)
 
 
-def tree_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="7b", choices=["7b", "1b", "60m"], help="the reference model's shape")
@@ -96,7 +92,8 @@ def main(argv=None) -> int:
                 print(f"{name}: failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
                 failed = True
                 break
-            read, written = tree_bytes(os.path.join(work, source)), tree_bytes(os.path.join(work, output))
+            read = measure.tree_bytes(os.path.join(work, source))
+            written = measure.tree_bytes(os.path.join(work, output))
             bound = read / read_speed + written / write_speed
             print(f"{name:<18} {wall:8.1f} {peak / 1e9:8.2f} {model_bytes / 1e6 / wall:7.0f} "
                   f"{bound:13.1f} {wall / bound:11.2f}")

@@ -64,6 +64,18 @@ def write_random_reference(out_dir: str, fields: Dict, dtype: torch.dtype = torc
 # Memory of a process tree
 
 
+def tree_bytes(path: str) -> int:
+    """Bytes of the files under ``path`` (files replaced while it walks are skipped)."""
+    total = 0
+    for base, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(base, name))
+            except OSError:
+                pass
+    return total
+
+
 def _children() -> Dict[int, List[int]]:
     tree: Dict[int, List[int]] = {}
     for entry in os.listdir("/proc"):

@@ -188,27 +188,17 @@ def _spawned_rank(rank: int, world_size: int, port: int, errors, counters, args)
         destroy_distributed()
 
 
-def _tree_bytes(path: str) -> int:
-    total = 0
-    for base, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(base, name))
-            except OSError:  # written and replaced meanwhile
-                pass
-    return total
-
-
 def _show_progress(counters, source: str, save_dir: str, enabled: bool, stop: threading.Event) -> None:
     """The launching process's bar: bytes the ranks have read, then bytes in the output, against what they plan
     to read plus the source's size (about what they write)."""
+    from cola_megatron.convert.measure import tree_bytes
     from cola_megatron.convert.progress import Progress
 
     planned, done = counters
-    write_estimate = _tree_bytes(source)
+    write_estimate = tree_bytes(source)
     progress = Progress(write_estimate, 0, "reshard", enabled)
     while not stop.wait(0.5):
-        progress.show(done.value + _tree_bytes(save_dir), planned.value + write_estimate,
+        progress.show(done.value + tree_bytes(save_dir), planned.value + write_estimate,
                       "reading" if done.value < planned.value or not planned.value else "writing")
     progress.close()
 
